@@ -1,0 +1,18 @@
+"""fastcl: retrain a PyTorch network on new data without forgetting the old.
+
+Strategies (EWC, online EWC, SI, MAS, L2-SP, L1-SP, LwF), an exact per-sample diagonal
+Fisher engine, fine-tuning helpers, imbalanced-data helpers and continual-learning
+metrics, on three fused ops (penalty, sqgrad, distill) with Triton, C++ and CUDA kernels
+and a pure-PyTorch fallback.
+"""
+from ._version import __version__
+from .ops import BackendUnavailableError, backend_info, distillation_loss, fused_linear_distillation, use_backend
+
+__all__ = [
+    "__version__",
+    "BackendUnavailableError",
+    "backend_info",
+    "distillation_loss",
+    "fused_linear_distillation",
+    "use_backend",
+]

@@ -1,0 +1,96 @@
+r"""Per-sample squared-gradient accumulation for linear maps (the Fisher engine's core).
+
+For a linear map ``y[b,t,:] = W x[b,t,:]`` the gradient of sample ``b``'s loss with
+respect to ``W`` is ``Σ_t g[b,t,:] ⊗ x[b,t,:]`` where ``g = ∂loss/∂y``. This op adds
+
+    out[o, i] += Σ_b |Σ_t g[b,t,o] · x[b,t,i]|^p          (p = ``power``, 2 or 1)
+
+``p = 2`` is the diagonal (empirical) Fisher numerator; ``p = 1`` is MAS's
+sum of absolute per-sample gradients.
+
+* No ``t`` dimension (or ``T = 1``): ``Σ_b (g_bo x_bi)² = ((g²)ᵀ (x²))_oi`` — one matmul,
+  computed here directly for every backend (``|g|ᵀ|x|`` for ``p = 1``).
+* ``T > 1``: a backend kernel; it must not materialise the ``[B, O, I]`` per-sample
+  gradients (tile one sample's product in registers, raise to ``p``, accumulate). The
+  torch reference materialises them in chunks of samples bounded to ~64 MiB.
+
+Backend kernels (``OPS["sqgrad"]``) are called as ``kernel(x, g, out, power)`` with
+``x: [B, T, I]``, ``g: [B, T, O]`` contiguous, one dtype (float32, bfloat16, float16;
+float64 for torch only), ``B, T, I, O ≥ 1``, ``out: [O, I]`` contiguous float32
+(float64 when x is float64) on the same device; they accumulate into ``out``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import resolve
+
+__all__ = ["sqgrad", "sqgrad_reference"]
+
+_CHUNK_BYTES = 64 * 2**20
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sqgrad_reference(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor, power: int = 2) -> torch.Tensor:
+    """Plain-PyTorch reference: per-sample gradients by ``bmm`` in bounded chunks of samples."""
+    B, T, I = x.shape
+    O = g.shape[-1]
+    acc = out.dtype
+    per_sample_bytes = O * I * torch.finfo(acc).bits // 8
+    chunk = max(1, min(B, _CHUNK_BYTES // max(per_sample_bytes, 1)))
+    for start in range(0, B, chunk):
+        xs = x[start:start + chunk].to(acc)
+        gs = g[start:start + chunk].to(acc)
+        per_sample = torch.bmm(gs.transpose(1, 2), xs)  # [b, O, I]
+        out += (per_sample.square() if power == 2 else per_sample.abs()).sum(0)
+    return out
+
+
+def sqgrad(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None, *, power: int = 2) -> torch.Tensor:
+    """Add ``Σ_b |Σ_t g[b,t,:] ⊗ x[b,t,:]|^power`` into ``out`` (``[O, I]``, float32) and return it.
+
+    ``x``: ``[B, I]`` or ``[B, T, I]`` layer inputs; ``g``: ``[B, O]`` or ``[B, T, O]``
+    gradients of the per-sample losses with respect to the layer outputs. ``out`` is
+    created (zeros) when ``None``.
+    """
+    if power not in (1, 2):
+        raise ValueError(f"power must be 1 or 2, got {power!r}")
+    if x.dim() not in (2, 3) or g.dim() != x.dim():
+        raise ValueError(f"x and g must both be [B, I]/[B, O] or [B, T, I]/[B, T, O]; got {tuple(x.shape)} and {tuple(g.shape)}")
+    if x.shape[:-1] != g.shape[:-1]:
+        raise ValueError(f"x {tuple(x.shape)} and g {tuple(g.shape)} disagree on the leading (sample/sequence) dims")
+    if x.device != g.device:
+        raise ValueError(f"x is on {x.device} but g is on {g.device}")
+    if not (x.is_floating_point() and g.is_floating_point()):
+        raise TypeError(f"x and g must be floating point, got {x.dtype} and {g.dtype}")
+    if g.dtype != x.dtype:
+        g = g.to(x.dtype)
+    acc = _acc_dtype(x.dtype)
+    O, I = g.shape[-1], x.shape[-1]
+    if out is None:
+        out = torch.zeros((O, I), dtype=acc, device=x.device)
+    elif out.shape != (O, I) or out.dtype not in (torch.float32, torch.float64) or out.device != x.device:
+        raise ValueError(f"out must be a float32/float64 [{O}, {I}] tensor on {x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if x.shape[0] == 0 or O == 0 or I == 0:
+        return out
+    if x.dim() == 2 or x.shape[1] == 1:
+        x2 = x.reshape(x.shape[0], I).to(out.dtype)
+        g2 = g.reshape(g.shape[0], O).to(out.dtype)
+        if power == 2:
+            out.addmm_(g2.square().t(), x2.square())
+        else:
+            out.addmm_(g2.abs().t(), x2.abs())
+        return out
+    if x.shape[1] == 0:
+        return out
+    _, kernel = resolve("sqgrad", x.device, x.dtype)
+    if out.is_contiguous():
+        kernel(x.contiguous(), g.contiguous(), out, power)
+    else:
+        tmp = torch.zeros((O, I), dtype=out.dtype, device=out.device)
+        kernel(x.contiguous(), g.contiguous(), tmp, power)
+        out += tmp
+    return out
