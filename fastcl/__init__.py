@@ -7,6 +7,7 @@ and a pure-PyTorch fallback.
 """
 from ._version import __version__
 from .ops import BackendUnavailableError, backend_info, distillation_loss, fused_linear_distillation, use_backend
+from .strategies import EWC, L1SP, L2SP, MAS, SI, LwF
 
 __all__ = [
     "__version__",

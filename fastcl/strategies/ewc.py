@@ -1,0 +1,75 @@
+r"""Elastic Weight Consolidation (Kirkpatrick et al., PNAS 2017) and online EWC (Schwarz et al., 2018).
+
+After task t, the diagonal Fisher ``F_t = E_x[(∂ log p(y|x)/∂θ)²]`` (mean over samples of
+squared *per-sample* gradients; :func:`fastcl.importance.diagonal_fisher`) and the
+weights θ*_t are stored. While training later tasks the loss gains::
+
+    separate:  (λ/2) · Σ_t Σ_k F_t,k (θ_k − θ*_t,k)²
+    online:    (λ/2) · Σ_k F̃_k (θ_k − θ*_k)²,   F̃ ← decay·F̃ + F_t,  θ* ← θ*_t
+
+Separate mode is kept in O(P) memory with an exact value (see
+:mod:`fastcl.strategies.importance_penalty`).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..importance import diagonal_fisher
+from .importance_penalty import ImportanceRegularizer
+
+__all__ = ["EWC", "FISHER_KINDS"]
+
+FISHER_KINDS = ("empirical", "true", "exact")
+
+
+class EWC(ImportanceRegularizer):
+    """EWC penalty ``(λ/2)·Σ F(θ − θ*)²`` over all consolidated tasks.
+
+    Args:
+        model: the network being retrained (DDP / torch.compile wrappers are fine).
+        strength: λ ≥ 0.
+        mode: ``"separate"`` (one term per task, exact, O(P)) or ``"online"``.
+        decay: online mode's γ in ``F ← γ·F + F_new`` (must be 1.0 in separate mode).
+        fisher: ``"empirical"`` (given labels), ``"true"`` (labels sampled from the model)
+            or ``"exact"`` (expectation over all classes).
+        storage_dtype: dtype of stored anchors/Fisher (``torch.bfloat16`` halves memory).
+        top_k: with ``fisher="exact"``, keep only the k most probable classes.
+
+    Usage::
+
+        ewc = fastcl.EWC(model, strength=100.0)
+        for task in tasks:
+            for x, y in task.train_loader:
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y) + ewc.penalty()   # 0 on the first task
+                loss.backward()
+                opt.step()
+            ewc.consolidate(task.train_loader)
+    """
+
+    def __init__(self, model, strength, mode="separate", decay=1.0, fisher="empirical", *, storage_dtype=torch.float32, top_k=None):
+        super().__init__(model, strength, mode=mode, decay=decay, storage_dtype=storage_dtype)
+        if fisher not in FISHER_KINDS:
+            raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
+        self.fisher_kind = fisher
+        self.top_k = top_k
+
+    def consolidate(self, data, loss_fn=None, max_samples=None, *, forward=None, verbose=None) -> None:
+        """Compute the Fisher over ``data`` (iterable of ``(inputs, targets)`` batches) and fold it in.
+
+        ``loss_fn(outputs, targets)`` must return per-sample losses (default: cross-entropy
+        on logits). On any error (empty data, non-finite loss or Fisher) nothing changes.
+        """
+        kwargs = {"forward": forward, "verbose": verbose}
+        if self.top_k is not None:
+            kwargs["top_k"] = self.top_k
+        fisher = diagonal_fisher(self.model, data, loss_fn=loss_fn, kind=self.fisher_kind, max_samples=max_samples, **kwargs)
+        self._merge(fisher)
+
+    @property
+    def fisher(self) -> dict[str, torch.Tensor]:
+        """``{name: F}``: the consolidated importance (``A = ΣF_t`` in separate mode, ``F̃`` online)."""
+        return self.importance
+
+    def _extra_state(self) -> dict:
+        return {**super()._extra_state(), "fisher": self.fisher_kind}
