@@ -28,6 +28,7 @@ import math
 import torch
 
 from ._dispatch import resolve
+from ._library import compiling, register
 
 __all__ = ["distillation_loss", "fused_linear_distillation", "distill_reference", "REDUCTIONS"]
 
@@ -81,11 +82,29 @@ def _reduce(row_loss: torch.Tensor, mask, reduction: str, lead_shape):
     return row_loss.sum() / count, 1.0 / count
 
 
+def _distill_impl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    _, kernel = resolve("distill", student.device, student.dtype)
+    return kernel(student, teacher, temperature, mask)
+
+
+def _distill_fake(student, teacher, temperature, mask):
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    return student.new_empty(student.shape[:1], dtype=acc), torch.empty_like(student)
+
+
+_distill_op = register("fastcl::distill", _distill_impl, _distill_fake)
+
+
+def _distill_rows(student, teacher, temperature, mask):
+    """Per-row losses and gradients from the chosen backend (through the custom op when compiling)."""
+    impl = _distill_op if (_distill_op is not None and compiling()) else _distill_impl
+    return impl(student, teacher, temperature, mask)
+
+
 class _Distill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, temperature, mask, reduction, lead_shape):
-        _, kernel = resolve("distill", student.device, student.dtype)
-        row_loss, grad = kernel(student, teacher, temperature, mask)
+        row_loss, grad = _distill_rows(student, teacher, temperature, mask)
         value, factor = _reduce(row_loss, mask, reduction, lead_shape)
         ctx.factor, ctx.reduction = factor, reduction
         ctx.save_for_backward(grad)
@@ -142,7 +161,6 @@ class _FusedLinearDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, temperature, mask, chunk_size, reduction):
         R, H = hidden.shape
-        _, kernel = resolve("distill", hidden.device, hidden.dtype)
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if (bias is not None and ctx.needs_input_grad[2]) else None
@@ -156,7 +174,7 @@ class _FusedLinearDistill(torch.autograd.Function):
             else:
                 t = torch.nn.functional.linear(teacher_hidden[rows].to(s.dtype), teacher_weight.to(s.dtype), None if teacher_bias is None else teacher_bias.to(s.dtype))
             m = None if mask is None else mask[rows]
-            loss_c, grad_s = kernel(s.contiguous(), t.contiguous(), temperature, m)
+            loss_c, grad_s = _distill_rows(s.contiguous(), t.contiguous(), temperature, m)
             row_loss[rows] = loss_c
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_s @ weight

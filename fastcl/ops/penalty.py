@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 
 from ._dispatch import resolve
+from ._library import compiling, register
 
 __all__ = ["penalty", "anchored_penalty", "penalty_reference", "KINDS"]
 
@@ -112,9 +113,24 @@ def penalty(
     weights = None if weights is None else list(weights)
     grads = None if grads is None else list(grads)
     _validate(params, anchors, weights, grads, kind, scale)
-    scale = float(scale)
     if not params:
         return torch.zeros((), dtype=torch.float32)
+    impl = _penalty_op if (_penalty_op is not None and compiling()) else _penalty_impl
+    with torch.no_grad():
+        return impl(params, anchors, weights or [], float(scale), kind, grads or [])
+
+
+def _penalty_impl(
+    params: list[torch.Tensor],
+    anchors: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    scale: float,
+    kind: str,
+    grads: list[torch.Tensor],
+) -> torch.Tensor:
+    """The validated op; empty ``weights``/``grads`` lists mean "unweighted"/"value only"."""
+    weights = weights or None
+    grads = grads or None
     out_device = params[0].device
 
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -146,11 +162,22 @@ def penalty(
             by_device[params[i].device].append(i)
         for idx in by_device.values():
             parts.append(penalty_reference(pick(params, idx), pick(anchors, idx), pick(weights, idx), scale, kind, pick(grads, idx)))
-    acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    acc = _value_dtype(params)
     total = torch.zeros((), dtype=acc, device=out_device)
     for part in parts:
         total = total + part.to(device=out_device, dtype=acc)
     return total
+
+
+def _value_dtype(params) -> torch.dtype:
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+def _penalty_fake(params, anchors, weights, scale, kind, grads):
+    return params[0].new_empty((), dtype=_value_dtype(params))
+
+
+_penalty_op = register("fastcl::penalty", _penalty_impl, _penalty_fake, mutates_args=("grads",))
 
 
 class _AnchoredPenalty(torch.autograd.Function):
