@@ -1,0 +1,164 @@
+"""Triton distill kernel against float64: T²·KL(softmax(t/T) ‖ softmax(s/T)) and T·(p_s − p_t)."""
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.triton
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
+pytest.importorskip("triton")
+
+import fastcl  # noqa: E402
+import fastcl.ops as ops  # noqa: E402
+from fastcl.kernels import triton as kt  # noqa: E402
+from fastcl.kernels.triton import distill as kdi  # noqa: E402
+
+DEVICE = torch.device("cpu" if kt.INTERPRETED else "cuda")
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def expected(student, teacher, temperature, mask=None):
+    """Per-row T²·Σ p_t (log p_t − log p_s) (p_t = 0 terms dropped) and T·(p_s − p_t), float64."""
+    s = student.double() / temperature
+    t = teacher.double() / temperature
+    log_ps = s - torch.logsumexp(s, -1, keepdim=True)
+    log_pt = t - torch.logsumexp(t, -1, keepdim=True)
+    pt = log_pt.exp()
+    terms = pt * (log_pt - log_ps)
+    loss = temperature**2 * torch.where(pt > 0, terms, torch.zeros_like(terms)).sum(-1)
+    grad = temperature * (log_ps.exp() - pt)
+    if mask is not None:
+        loss = loss * mask
+        grad = grad * mask[:, None]
+    return loss, grad
+
+
+def make(R, V, dtype, seed=0, spread=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    s = (spread * torch.randn(R, V, generator=gen)).to(dtype).to(DEVICE)
+    t = (spread * torch.randn(R, V, generator=gen)).to(dtype).to(DEVICE)
+    return s, t
+
+
+def check(row_loss, grad, student, teacher, temperature, mask=None):
+    want_loss, want_grad = expected(student, teacher, temperature, mask)
+    assert row_loss.dtype == torch.float32 and row_loss.shape == (student.shape[0],)
+    assert grad.dtype == student.dtype and grad.shape == student.shape
+    assert torch.isfinite(row_loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(row_loss.double(), want_loss, rtol=1e-4, atol=1e-5 * temperature**2)
+    tol = GRAD_TOL[student.dtype]
+    torch.testing.assert_close(grad.double(), want_grad, rtol=tol, atol=tol * temperature)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [1, 5, 300])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_kernel_matches_formula(dtype, V, masked, temperature):
+    student, teacher = make(5, V, dtype, seed=V)
+    mask = torch.tensor([True, False, True, True, False], device=DEVICE) if masked else None
+    row_loss, grad = kt.OPS["distill"](student, teacher, temperature, mask)
+    check(row_loss, grad, student, teacher, temperature, mask)
+    if masked:
+        assert torch.all(row_loss[~mask] == 0) and torch.all(grad[~mask] == 0)
+
+
+@pytest.mark.parametrize("max_block", [16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocabulary_walked_in_many_blocks(monkeypatch, max_block, dtype):
+    """V = 300 over 16/64-wide blocks, with the row maximum late in the row (online rescaling)."""
+    monkeypatch.setattr(kdi, "MAX_BLOCK_V", max_block)
+    student, teacher = make(3, 300, dtype, seed=max_block)
+    student[0, -3] = 40.0
+    teacher[1, -1] = 40.0
+    teacher[2, :250] = float("-inf")
+    row_loss, grad = kdi.distill(student, teacher, 2.0, None)
+    check(row_loss, grad, student, teacher, 2.0)
+
+
+def test_teacher_minus_infinity_contributes_zero():
+    student, teacher = make(4, 37, torch.float32, seed=3)
+    teacher[0, ::2] = float("-inf")
+    teacher[1, :36] = float("-inf")           # one-hot teacher
+    teacher[2, 5] = float("-inf")
+    student[3, :] = 0.0                        # uniform student
+    row_loss, grad = kt.OPS["distill"](student, teacher, 1.5, None)
+    check(row_loss, grad, student, teacher, 1.5)
+    torch.testing.assert_close(grad[1, :36].double(), 1.5 * torch.softmax(student[1].double() / 1.5, -1)[:36], rtol=1e-5, atol=1e-7)
+
+
+def test_large_vocabulary():
+    student, teacher = make(2, 128256, torch.float32, seed=11)
+    row_loss, grad = kt.OPS["distill"](student, teacher, 2.0, None)
+    check(row_loss, grad, student, teacher, 2.0)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_public_distillation_loss_strided_masked(reduction, dtype):
+    """distillation_loss on [2, 3, V] views with non-contiguous strides, a mask, and backward."""
+    gen = torch.Generator().manual_seed(5)
+    V = 33
+    base = (2 * torch.randn(V, 3, 2, generator=gen)).to(dtype).to(DEVICE)
+    student = base.permute(2, 1, 0).detach().requires_grad_(True)      # [2, 3, V], not contiguous
+    teacher = (2 * torch.randn(2, V, 3, generator=gen)).to(dtype).to(DEVICE).transpose(1, 2)
+    assert not student.is_contiguous() and not teacher.is_contiguous()
+    mask = torch.tensor([[True, False, True], [True, True, False]], device=DEVICE)
+    with fastcl.use_backend("triton"):
+        assert ops.resolve("distill", DEVICE, dtype)[0] == "triton"
+        loss = fastcl.distillation_loss(student, teacher, temperature=2.0, reduction=reduction, mask=mask)
+        upstream = torch.rand(loss.shape, generator=gen).to(DEVICE) if reduction == "none" else torch.tensor(1.7, device=DEVICE)
+        loss.backward(upstream.to(loss.dtype))
+    flat_mask = mask.reshape(-1).double()
+    rows, grads = expected(student.detach().reshape(-1, V), teacher.reshape(-1, V), 2.0, flat_mask)
+    count = flat_mask.sum()
+    if reduction == "none":
+        want, want_grad = rows.reshape(2, 3), grads * upstream.double().reshape(-1, 1)
+    elif reduction == "sum":
+        want, want_grad = rows.sum(), grads * 1.7
+    else:
+        want, want_grad = rows.sum() / count, grads * 1.7 / count
+    torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-5)
+    tol = GRAD_TOL[dtype]
+    torch.testing.assert_close(student.grad.double().reshape(-1, V), want_grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_public_fused_linear_distillation(with_bias):
+    """Loss and gradients of hidden, head weight and bias against float64 autograd of the formula."""
+    gen = torch.Generator().manual_seed(8)
+    R, H, V = 7, 5, 19
+    hidden = torch.randn(R, H, generator=gen).to(DEVICE).requires_grad_(True)
+    weight = torch.randn(V, H, generator=gen).to(DEVICE).requires_grad_(True)
+    bias = torch.randn(V, generator=gen).to(DEVICE).requires_grad_(True) if with_bias else None
+    teacher = (2 * torch.randn(R, V, generator=gen)).to(DEVICE)
+    mask = torch.tensor([True, True, False, True, True, True, False], device=DEVICE)
+    with fastcl.use_backend("triton"):
+        loss = fastcl.fused_linear_distillation(
+            hidden, weight, teacher, student_bias=bias, temperature=3.0, mask=mask, chunk_size=3
+        )
+        loss.backward()
+
+    h64 = hidden.detach().double().requires_grad_(True)
+    w64 = weight.detach().double().requires_grad_(True)
+    b64 = bias.detach().double().requires_grad_(True) if with_bias else None
+    logits = h64 @ w64.t() + (b64 if with_bias else 0.0)
+    s, t = logits / 3.0, teacher.double() / 3.0
+    pt = torch.softmax(t, -1)
+    rows = 9.0 * (pt * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))).sum(-1)
+    want = (rows * mask).sum() / mask.sum()
+    want.backward()
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+    if with_bias:
+        torch.testing.assert_close(bias.grad.double(), b64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_float64_is_refused():
+    assert "float64" in kt.unsupported_reason("distill", torch.float64)
+    s = torch.randn(2, 3, dtype=torch.float64, device=DEVICE)
+    with fastcl.use_backend("triton"), pytest.raises(fastcl.BackendUnavailableError, match="float64"):
+        fastcl.distillation_loss(s, s.clone())

@@ -1,0 +1,169 @@
+"""Triton penalty kernel against a float64 formula: s·Σ w·φ(θ−a) and grad += s·w·φ'(θ−a)."""
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.triton
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
+pytest.importorskip("triton")
+
+import fastcl  # noqa: E402
+import fastcl.ops as ops  # noqa: E402
+from fastcl.kernels import triton as kt  # noqa: E402
+from fastcl.kernels.triton import penalty as kpen  # noqa: E402
+
+DEVICE = torch.device("cpu" if kt.INTERPRETED else "cuda")
+SIZES = (1, 7, 33, 1, 1029, 2500)
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def make_inputs(sizes, p_dtype, s_dtype, with_weights, with_grads, seed=0):
+    """Random θ, a, w, grad; every fifth θ equals its anchor exactly (d = 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    params, anchors, weights, grads = [], [], [], []
+    for n in sizes:
+        a = torch.randn(n, generator=gen).to(s_dtype)
+        p = torch.randn(n, generator=gen).to(p_dtype)
+        p[::5] = a[::5].to(p_dtype)
+        params.append(p.to(DEVICE))
+        anchors.append(a.to(DEVICE))
+        weights.append(torch.rand(n, generator=gen).to(s_dtype).to(DEVICE))
+        grads.append(torch.randn(n, generator=gen).to(p_dtype).to(DEVICE))
+    return params, anchors, weights if with_weights else None, grads if with_grads else None
+
+
+def expected(params, anchors, weights, scale, kind):
+    """Float64 value and per-tensor gradient step, written from the formula."""
+    value = 0.0
+    steps = []
+    for i, p in enumerate(params):
+        d = p.double() - anchors[i].double()
+        w = torch.ones_like(d) if weights is None else weights[i].double()
+        if kind == "quadratic":
+            value += (w * d * d / 2).sum().item()
+            steps.append(scale * w * d)
+        else:
+            value += (w * d.abs()).sum().item()
+            steps.append(scale * w * torch.sign(d))
+    return scale * value, steps
+
+
+def check(value, grads_before, grads_after, params, anchors, weights, scale, kind):
+    want, steps = expected(params, anchors, weights, scale, kind)
+    assert value.dtype == torch.float32 and value.dim() == 0
+    assert value.item() == pytest.approx(want, rel=2e-5, abs=1e-6)
+    if grads_after is not None:
+        for before, after, step in zip(grads_before, grads_after, steps):
+            tol = GRAD_TOL[after.dtype]
+            torch.testing.assert_close(after.double(), before.double() + step, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("p_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("s_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_weights", [True, False])
+@pytest.mark.parametrize("kind", ["quadratic", "l1"])
+@pytest.mark.parametrize("with_grads", [True, False])
+def test_kernel_matches_formula(p_dtype, s_dtype, with_weights, kind, with_grads):
+    params, anchors, weights, grads = make_inputs(SIZES, p_dtype, s_dtype, with_weights, with_grads)
+    before = None if grads is None else [g.clone() for g in grads]
+    value = kt.OPS["penalty"](params, anchors, weights, 0.75, kind, grads)
+    check(value, before, grads, params, anchors, weights, 0.75, kind)
+
+
+@pytest.mark.parametrize("kind", ["quadratic", "l1"])
+def test_many_chunks_per_tensor_and_program(monkeypatch, kind):
+    """Small BLOCK/CHUNK: tensors span several chunks, programs walk several chunks, tails are partial."""
+    monkeypatch.setattr(kpen, "BLOCK", 16)
+    monkeypatch.setattr(kpen, "CHUNK", 64)
+    params, anchors, weights, grads = make_inputs((1, 7, 64, 65, 1000, 3), torch.float32, torch.float32, True, True, seed=1)
+    before = [g.clone() for g in grads]
+    value = kt.OPS["penalty"](params, anchors, weights, 1.5, kind, grads)
+    check(value, before, grads, params, anchors, weights, 1.5, kind)
+
+
+@pytest.mark.parametrize("kind", ["quadratic", "l1"])
+def test_float64_anchors_and_weights_with_float32_params(kind):
+    """The op contract allows float64 a and w next to float32 θ; they are read and rounded to float32."""
+    params, anchors, weights, grads = make_inputs((7, 1, 300), torch.float32, torch.float32, True, True, seed=8)
+    anchors = [a.double() for a in anchors]
+    weights = [w.double() for w in weights]
+    before = [g.clone() for g in grads]
+    value = kt.OPS["penalty"](params, anchors, weights, 0.25, kind, grads)
+    check(value, before, grads, params, anchors, weights, 0.25, kind)
+
+
+def test_unaligned_views_into_flat_buffer():
+    """Contiguous views at odd offsets of one buffer (not 16-byte aligned)."""
+    gen = torch.Generator().manual_seed(2)
+    flat_p, flat_a, flat_w = (torch.randn(1 + 7 + 33 + 100, generator=gen).to(DEVICE) for _ in range(3))
+    bounds = [(1, 8), (8, 41), (41, 141)]
+    params = [flat_p[i:j] for i, j in bounds]
+    anchors = [flat_a[i:j] for i, j in bounds]
+    weights = [flat_w[i:j].abs() for i, j in bounds]
+    grads = [torch.randn(j - i, generator=gen).to(DEVICE) for i, j in bounds]
+    before = [g.clone() for g in grads]
+    value = kt.OPS["penalty"](params, anchors, weights, 2.0, "quadratic", grads)
+    check(value, before, grads, params, anchors, weights, 2.0, "quadratic")
+
+
+def test_value_is_bitwise_deterministic():
+    params, anchors, weights, _ = make_inputs((3000, 1, 257, 4096), torch.float32, torch.float32, True, False, seed=3)
+    first = kt.OPS["penalty"](params, anchors, weights, 0.3, "quadratic", None)
+    kpen._tables.clear()
+    second = kt.OPS["penalty"](params, anchors, weights, 0.3, "quadratic", None)
+    assert torch.equal(first, second)
+
+
+def test_cached_table_sees_new_values_at_same_addresses():
+    params, anchors, weights, _ = make_inputs(SIZES, torch.float32, torch.float32, True, False, seed=4)
+    kt.OPS["penalty"](params, anchors, weights, 1.0, "quadratic", None)
+    for p in params:
+        p.mul_(-2.0)
+    value = kt.OPS["penalty"](params, anchors, weights, 1.0, "quadratic", None)
+    check(value, None, None, params, anchors, weights, 1.0, "quadratic")
+
+
+@pytest.mark.parametrize("p_dtype", [torch.float32, torch.bfloat16])
+def test_public_op_with_strided_tensor(p_dtype):
+    """Through fastcl.ops.penalty: contiguous tensors go to the kernel, a transposed one to the strided path."""
+    params, anchors, weights, grads = make_inputs((7, 1, 1000), p_dtype, torch.float32, True, True, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    params.append(torch.randn(5, 9, generator=gen).to(p_dtype).to(DEVICE).t())
+    anchors.append(torch.randn(9, 5, generator=gen).to(DEVICE))
+    weights.append(torch.rand(9, 5, generator=gen).to(DEVICE))
+    grads.append(torch.randn(9, 5, generator=gen).to(p_dtype).to(DEVICE))
+    before = [g.clone() for g in grads]
+    with fastcl.use_backend("triton"):
+        assert ops.resolve("penalty", DEVICE, p_dtype)[0] == "triton"
+        value = ops.penalty(params, anchors, weights, scale=0.5, kind="quadratic", grads=grads)
+    check(value, before, grads, params, anchors, weights, 0.5, "quadratic")
+
+
+def test_anchored_penalty_autograd():
+    params, anchors, weights, _ = make_inputs((7, 33), torch.float32, torch.float32, True, False, seed=7)
+    leaves = [p.clone().requires_grad_(True) for p in params]
+    with fastcl.use_backend("triton"):
+        loss = ops.anchored_penalty(leaves, anchors, weights, scale=3.0, kind="l1")
+        (2 * loss).backward()
+    want, steps = expected(params, anchors, weights, 3.0, "l1")
+    assert loss.item() == pytest.approx(want, rel=2e-5)
+    for leaf, step in zip(leaves, steps):
+        torch.testing.assert_close(leaf.grad.double(), 2 * step, rtol=1e-5, atol=1e-6)
+
+
+def test_backend_reports_triton_and_refuses_float64():
+    if kt.INTERPRETED and os.environ.get("FASTCL_BACKEND") == "triton":
+        assert fastcl.backend_info("cpu") == {"penalty": "triton", "sqgrad": "triton", "distill": "triton"}
+    with fastcl.use_backend("triton"):
+        assert fastcl.backend_info(DEVICE) == {"penalty": "triton", "sqgrad": "triton", "distill": "triton"}
+        with pytest.raises(fastcl.BackendUnavailableError, match="float64"):
+            ops.penalty([torch.ones(3, dtype=torch.float64, device=DEVICE)], [torch.zeros(3, dtype=torch.float64, device=DEVICE)])
+    assert kt.unavailable_reason(DEVICE) is None
+    assert "float64" in kt.unsupported_reason("penalty", torch.float64)
+    assert kt.unsupported_reason("penalty", torch.bfloat16) is None
+    assert isinstance(kt.unavailable_reason(torch.device("meta")), str)
+    other = torch.device("cuda" if DEVICE.type == "cpu" else "cpu")
+    assert isinstance(kt.unavailable_reason(other), str)
