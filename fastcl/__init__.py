@@ -7,6 +7,7 @@ and a pure-PyTorch fallback.
 """
 from ._version import __version__
 from .ops import BackendUnavailableError, backend_info, distillation_loss, fused_linear_distillation, use_backend
+from .importance import PerSampleFallbackWarning, canonical_name, diagonal_fisher, mas_importance, named_trainable_parameters
 from .strategies import EWC, L1SP, L2SP, MAS, SI, LwF
 
 __all__ = [
@@ -16,4 +17,15 @@ __all__ = [
     "distillation_loss",
     "fused_linear_distillation",
     "use_backend",
+    "PerSampleFallbackWarning",
+    "canonical_name",
+    "diagonal_fisher",
+    "mas_importance",
+    "named_trainable_parameters",
+    "EWC",
+    "L1SP",
+    "L2SP",
+    "LwF",
+    "MAS",
+    "SI",
 ]

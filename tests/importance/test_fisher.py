@@ -1,0 +1,284 @@
+"""diagonal_fisher: kinds, batching, dtypes, side effects and argument errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcl.importance import diagonal_fisher
+
+from . import models
+from .reference import (
+    assert_matches,
+    cross_entropy_loss,
+    exact_fisher,
+    float64_copy,
+    per_sample_importance,
+    split,
+)
+
+
+def _data(n, d_in=7, classes=4, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=gen, dtype=dtype), torch.randint(0, classes, (n,), generator=gen)
+
+
+def _chunks(x, y, sizes):
+    out, start = [], 0
+    for s in sizes:
+        out.append((x[start:start + s], y[start:start + s]))
+        start += s
+    return out
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-8), (torch.float32, 2e-4)])
+def test_mlp_empirical_matches_loop(dtype, rtol):
+    torch.manual_seed(1)
+    model = models.mlp().to(dtype)
+    x, y = _data(9, seed=1)
+    ref = per_sample_importance(float64_copy(model), split(x, y), cross_entropy_loss)
+    got = diagonal_fisher(model, _chunks(x.to(dtype), y, [5, 4]))
+    assert all(v.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) for v in got.values())
+    assert all(v.shape == p.shape for v, (_, p) in zip(got.values(), model.named_parameters()))
+    assert_matches(got, ref, rtol=rtol, atol=1e-7 if dtype == torch.float32 else 1e-12)
+
+
+def test_ragged_batches_and_max_samples():
+    torch.manual_seed(2)
+    model = float64_copy(models.mlp())
+    x, y = _data(9, seed=2)
+    batches = _chunks(x, y, [5, 3, 1])
+    assert_matches(diagonal_fisher(model, batches), per_sample_importance(model, split(x, y), cross_entropy_loss))
+    # max_samples=7 uses 5 + the first 2 of the second batch, and never touches the third
+    consumed = []
+
+    def gen():
+        for i, b in enumerate(batches):
+            consumed.append(i)
+            yield b
+
+    got = diagonal_fisher(model, gen(), max_samples=7)
+    assert consumed == [0, 1]
+    assert_matches(got, per_sample_importance(model, split(x[:7], y[:7]), cross_entropy_loss))
+
+
+def test_non_contiguous_inputs_and_tuple_inputs():
+    torch.manual_seed(3)
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
+
+        def forward(self, u, v):
+            return self.a(u) * torch.tanh(self.b(v))
+
+    model = float64_copy(TwoInputs())
+    u = torch.randn(3, 6, dtype=torch.float64).t()  # [6, 3], non-contiguous
+    v = torch.randn(6, 2, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,))
+    ref = per_sample_importance(
+        model, [(u[i:i + 1], v[i:i + 1], y[i:i + 1]) for i in range(6)], lambda m, a, b, t: F.cross_entropy(m(a, b), t)
+    )
+    got = diagonal_fisher(model, [((u[:4], v[:4]), y[:4]), ([u[4:], v[4:]], y[4:])])
+    assert_matches(got, ref)
+
+
+def test_custom_loss_and_forward_with_dict_batches():
+    torch.manual_seed(4)
+    model = float64_copy(models.mlp(classes=1))
+    x, _ = _data(6, seed=4)
+    t = torch.randn(6, dtype=torch.float64)
+
+    def loss_fn(out, target):
+        return (out.squeeze(1) - target).square()
+
+    def forward(m, batch):
+        return m(batch["x"]), batch["t"]
+
+    ref = per_sample_importance(model, [(x[i:i + 1], t[i:i + 1]) for i in range(6)], lambda m, a, b: loss_fn(m(a), b).sum())
+    got = diagonal_fisher(model, [{"x": x[:4], "t": t[:4]}, {"x": x[4:], "t": t[4:]}], loss_fn, forward=forward)
+    assert_matches(got, ref)
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_exact_kind_matches_loop_over_classes(top_k):
+    torch.manual_seed(5)
+    model = float64_copy(models.mlp(classes=4))
+    x, y = _data(7, seed=5)
+    ref = exact_fisher(model, split(x), top_k=top_k)
+    got = diagonal_fisher(model, _chunks(x, y, [4, 3]), kind="exact", top_k=top_k)
+    assert_matches(got, ref)
+    if top_k is not None:  # no renormalisation: strictly below the full sum somewhere
+        full = exact_fisher(model, split(x))
+        assert all((got[n] <= full[n] + 1e-12).all() for n in got)
+        assert any((got[n] < full[n] - 1e-9).any() for n in got)
+
+
+def test_true_kind_is_unbiased_for_exact_and_follows_the_rng():
+    torch.manual_seed(6)
+    model = float64_copy(nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3)))
+    x, _ = _data(4, d_in=3, seed=6)
+    exact = diagonal_fisher(model, [x], kind="exact")
+    repeats = 400
+    data = [x.repeat(100, 1) for _ in range(repeats // 100)]
+    torch.manual_seed(123)
+    sampled = diagonal_fisher(model, data, kind="true")
+    torch.manual_seed(123)
+    again = diagonal_fisher(model, data, kind="true")
+    for n in exact:
+        torch.testing.assert_close(sampled[n], again[n], rtol=0, atol=0)
+        scale = exact[n].abs().max()
+        assert (sampled[n] - exact[n]).abs().max() < 0.15 * scale, n
+    torch.manual_seed(7)
+    one_draw = diagonal_fisher(model, [x], kind="true")
+    assert any(not torch.allclose(one_draw[n], exact[n]) for n in exact)
+
+
+def test_bf16_model_accumulates_in_float32():
+    torch.manual_seed(8)
+    model = models.randomise_norm_stats(models.CNN())
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 3, 9, 10, generator=gen)
+    y = torch.randint(0, 5, (6,), generator=gen)
+    ref = per_sample_importance(float64_copy(model), split(x.double(), y), cross_entropy_loss)
+    got = diagonal_fisher(model.to(torch.bfloat16), [(x.to(torch.bfloat16), y)])
+    for n, v in got.items():
+        assert v.dtype == torch.float32, n
+        err = (v.double() - ref[n]).norm() / ref[n].norm().clamp_min(1e-30)
+        assert err < 0.1, (n, err.item())
+
+
+def test_params_subset_and_frozen_parameters():
+    torch.manual_seed(9)
+    model = float64_copy(models.mlp())
+    model[0].weight.requires_grad_(False)
+    x, y = _data(5, seed=9)
+    got = diagonal_fisher(model, [(x, y)])
+    assert "0.weight" not in got and set(got) == {n for n, p in model.named_parameters() if p.requires_grad}
+    model[0].weight.requires_grad_(True)
+    ref = per_sample_importance(model, split(x, y), cross_entropy_loss)
+    model[0].weight.requires_grad_(False)
+    sub = diagonal_fisher(model, [(x, y)], params=["0.weight", "module.4.bias"])
+    assert list(sub) == ["0.weight", "4.bias"]
+    assert_matches(sub, ref, names=["0.weight", "4.bias"])
+    assert model[0].weight.requires_grad is False
+
+
+def test_model_mode_grads_and_flags_are_restored():
+    torch.manual_seed(10)
+    model = models.randomise_norm_stats(models.CNN())
+    model.train()
+    model.bn.eval()  # a mixed state must come back exactly
+    before_modes = {n: m.training for n, m in model.named_modules()}
+    model.c1.weight.grad = torch.randn_like(model.c1.weight)
+    saved = model.c1.weight.grad.clone()
+    model.c2.weight.requires_grad_(False)
+    stats = model.bn.running_mean.clone()
+    x = torch.randn(4, 3, 9, 10)
+    y = torch.randint(0, 5, (4,))
+    diagonal_fisher(model, [(x, y)])
+    assert {n: m.training for n, m in model.named_modules()} == before_modes
+    torch.testing.assert_close(model.c1.weight.grad, saved, rtol=0, atol=0)
+    assert model.head.weight.grad is None and model.c1.bias.grad is None
+    assert model.c2.weight.requires_grad is False
+    torch.testing.assert_close(model.bn.running_mean, stats, rtol=0, atol=0)
+    # also after an exception in the middle of the pass
+    bad = [(x, y), (x * float("nan"), y)]
+    with pytest.raises(ValueError, match="batch 1"):
+        diagonal_fisher(model, bad)
+    assert {n: m.training for n, m in model.named_modules()} == before_modes
+    torch.testing.assert_close(model.c1.weight.grad, saved, rtol=0, atol=0)
+    assert model.c2.weight.requires_grad is False
+
+
+def test_wrapper_prefixes_are_canonical():
+    torch.manual_seed(11)
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+        def forward(self, x):
+            return self.module(x)
+
+    inner = float64_copy(models.mlp())
+    x, y = _data(5, seed=11)
+    got = diagonal_fisher(Wrapper(inner), [(x, y)])
+    assert_matches(got, per_sample_importance(inner, split(x, y), cross_entropy_loss))
+
+
+def test_progress_bar(capsys):
+    model = float64_copy(models.mlp())
+    x, y = _data(4)
+    diagonal_fisher(model, [(x, y)], verbose=False)
+    assert "Importance-bar" not in capsys.readouterr().err
+    diagonal_fisher(model, [(x, y)], verbose=True, desc="Importance-bar")
+    assert "Importance-bar" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_empty_data_raises():
+    with pytest.raises(ValueError, match="no samples"):
+        diagonal_fisher(models.mlp(), [])
+
+
+def test_nan_loss_names_the_batch():
+    model = models.mlp()
+    x, y = _data(4, dtype=torch.float32)
+    x2 = x.clone()
+    x2[2] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite per-sample loss in batch 1 \(samples \[2\]\)"):
+        diagonal_fisher(model, [(x, y), (x2, y)])
+
+
+def test_non_finite_fisher_names_the_parameter():
+    model = nn.Linear(3, 2)
+    x = torch.full((2, 3), 1e20)
+    with pytest.raises(ValueError, match="weight"):
+        diagonal_fisher(model, [(x, torch.tensor([0, 1]))])
+
+
+@pytest.mark.parametrize("loss_fn", [
+    lambda out, t: F.cross_entropy(out, t),  # scalar
+    lambda out, t: F.cross_entropy(out, t, reduction="none")[:-1],  # wrong length
+    lambda out, t: F.cross_entropy(out, t, reduction="none")[:, None],  # [B, 1]
+])
+def test_loss_must_be_per_sample(loss_fn):
+    x, y = _data(4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="per-sample|one loss per sample"):
+        diagonal_fisher(models.mlp(), [(x, y)], loss_fn)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kind="fisher"), "kind must be"),
+    (dict(kind="true", loss_fn=lambda o, t: o.sum(1)), "loss_fn is only accepted"),
+    (dict(kind="exact", loss_fn=lambda o, t: o.sum(1)), "loss_fn is only accepted"),
+    (dict(top_k=2), "top_k is only meaningful"),
+    (dict(kind="exact", top_k=0), "positive int"),
+    (dict(params=["nope.weight"]), "no parameter 'nope.weight'"),
+    (dict(max_samples=0), "max_samples"),
+])
+def test_argument_errors(kwargs, match):
+    x, y = _data(3, dtype=torch.float32)
+    with pytest.raises(ValueError, match=match):
+        diagonal_fisher(models.mlp(), [(x, y)], **kwargs)
+
+
+def test_true_and_exact_need_logits():
+    model = nn.Sequential(nn.Linear(7, 4), nn.Unflatten(1, (2, 2)))
+    x, y = _data(3, dtype=torch.float32)
+    for kind in ("true", "exact"):
+        with pytest.raises(ValueError, match=r"logits outputs of shape \[B, C\]"):
+            diagonal_fisher(model, [(x, y)], kind=kind)
+
+
+def test_batch_norm_with_batch_statistics_is_rejected():
+    model = nn.Sequential(nn.Linear(7, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    x, y = _data(3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="batch statistics"):
+        diagonal_fisher(model, [(x, y)])
