@@ -31,10 +31,13 @@ _MHA_FORWARD = F.multi_head_attention_forward
 _RMS_NORM = getattr(F, "rms_norm", None)
 
 
+_get_gradient_edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
+
+
 class Event:
     """One recognised call of an op on tracked parameters."""
 
-    __slots__ = ("op", "x", "meta", "slots", "n_lead", "mha_bsz", "seq_first", "layout", "active")
+    __slots__ = ("op", "x", "meta", "slots", "n_lead", "mha_bsz", "seq_first", "layout", "active", "edge")
 
     def __init__(self, op, x, meta, slots, n_lead, mha_bsz, seq_first):
         self.op = op  # rule name (see rules._RULES)
@@ -46,6 +49,7 @@ class Event:
         self.seq_first = seq_first  # inside a module with batch_first=False
         self.layout = None  # set by resolve_layout
         self.active = ()  # slots whose parameter is computed by the rule this batch
+        self.edge = None  # gradient edge of the op's output, the target of the rules' backward
 
 
 def _arg(args, kwargs, i, name, default=None):
@@ -238,6 +242,9 @@ class Capture(TorchFunctionMode):
         if not slots or not isinstance(out, torch.Tensor):
             return
         ev = Event(op, x.detach(), meta, slots, n_lead, self.mha_bsz, bool(self.seq_first and self.seq_first[-1]))
+        if _get_gradient_edge is not None:
+            # Taken now, before any in-place op (e.g. ReLU(inplace=True)) rebases ``out``.
+            ev.edge = _get_gradient_edge(out)
         self.events.append(ev)
         out.register_hook(functools.partial(self._hook, ev))
 

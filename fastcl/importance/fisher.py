@@ -477,7 +477,14 @@ class _Pass:
         if not self.uses:
             return
         multi = {n for n, c in self.uses.items() if c > 1}
-        inputs = [self.by_name[n] for n in self.uses]
+        # Differentiate with respect to the captured op outputs, not the parameters: the
+        # hooks need only ∂loss/∂output, and targeting the parameters would make autograd
+        # compute every weight gradient (a third of the backward) just to discard it.
+        edges = [ev.edge for ev in self.capture.events if ev.active]
+        if edges and all(e is not None for e in edges):
+            inputs = edges
+        else:
+            inputs = [self.by_name[n] for n in self.uses]
         stash: dict[str, list] = defaultdict(list)
         acc, power = self.acc, self.power
 
