@@ -1,0 +1,78 @@
+// fastcl._C: pybind11 bindings of the CPU kernels. Tensors arrive as raw addresses
+// (tensor.data_ptr()) with sizes and dtype codes, so this module never links libtorch;
+// fastcl/kernels/cpp.py validates the tensors before calling in.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "dtypes.h"
+#include "kernels.h"
+
+namespace py = pybind11;
+
+namespace {
+
+std::vector<const void*> as_const_ptrs(const std::vector<uintptr_t>& addrs) {
+    std::vector<const void*> out(addrs.size());
+    for (size_t i = 0; i < addrs.size(); ++i) out[i] = reinterpret_cast<const void*>(addrs[i]);
+    return out;
+}
+
+std::vector<void*> as_ptrs(const std::vector<uintptr_t>& addrs) {
+    std::vector<void*> out(addrs.size());
+    for (size_t i = 0; i < addrs.size(); ++i) out[i] = reinterpret_cast<void*>(addrs[i]);
+    return out;
+}
+
+void check_len(const char* name, size_t got, size_t want) {
+    if (got != want)
+        throw std::invalid_argument(std::string("penalty: ") + name + " has " + std::to_string(got) +
+                                    " addresses, expected " + std::to_string(want));
+}
+
+double penalty(const std::vector<uintptr_t>& params, const std::vector<uintptr_t>& anchors,
+               const std::vector<uintptr_t>& weights, const std::vector<uintptr_t>& grads,
+               const std::vector<int64_t>& sizes, int param_dtype, int anchor_dtype, int weight_dtype,
+               int kind, double scale, int num_threads) {
+    const size_t n = sizes.size();
+    check_len("params", params.size(), n);
+    check_len("anchors", anchors.size(), n);
+    if (!weights.empty()) check_len("weights", weights.size(), n);
+    if (!grads.empty()) check_len("grads", grads.size(), n);
+    const auto p = as_const_ptrs(params), a = as_const_ptrs(anchors), w = as_const_ptrs(weights);
+    const auto g = as_ptrs(grads);
+    py::gil_scoped_release no_gil;
+    return fastcl::penalty_cpu(int64_t(n), p.data(), a.data(), weights.empty() ? nullptr : w.data(),
+                               grads.empty() ? nullptr : g.data(), sizes.data(), param_dtype, anchor_dtype,
+                               weights.empty() ? fastcl::kNone : weight_dtype, kind, scale, num_threads);
+}
+
+void distill(uintptr_t student, uintptr_t teacher, uintptr_t mask, uintptr_t row_loss, uintptr_t grad,
+             int64_t rows, int64_t vocab, int dtype, double temperature, int num_threads) {
+    py::gil_scoped_release no_gil;
+    fastcl::distill_cpu(reinterpret_cast<const void*>(student), reinterpret_cast<const void*>(teacher),
+                        reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<float*>(row_loss),
+                        reinterpret_cast<void*>(grad), rows, vocab, dtype, temperature, num_threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "fastcl CPU kernels (raw-pointer interface; use fastcl.kernels.cpp, not this module)";
+    m.attr("PENALTY_CHUNK") = fastcl::kPenaltyChunk;
+    m.def("penalty", &penalty, py::arg("params"), py::arg("anchors"), py::arg("weights"), py::arg("grads"),
+          py::arg("sizes"), py::arg("param_dtype"), py::arg("anchor_dtype"), py::arg("weight_dtype"),
+          py::arg("kind"), py::arg("scale"), py::arg("num_threads"),
+          "scale·Σ w·φ(θ−a) over all tensors (φ = d²/2 for kind 0, |d| for kind 1); with grads, also "
+          "grads += scale·w·φ'(θ−a). Addresses as ints; empty weights = w 1; empty grads = value only. "
+          "Dtype codes: 0 float32, 1 bfloat16, 2 float16.");
+    m.def("distill", &distill, py::arg("student"), py::arg("teacher"), py::arg("mask"), py::arg("row_loss"),
+          py::arg("grad"), py::arg("rows"), py::arg("vocab"), py::arg("dtype"), py::arg("temperature"),
+          py::arg("num_threads"),
+          "Per row: row_loss = T²·KL(softmax(t/T) ‖ softmax(s/T)) (float32), grad = T·(softmax(s/T) − "
+          "softmax(t/T)) in the logits' dtype; mask address 0 = no mask, else uint8 per row.");
+}

@@ -1,0 +1,28 @@
+// CPU kernels of fastcl._C. Raw pointers in, no torch dependency; the Python wrappers in
+// fastcl/kernels/cpp.py validate the tensors and build the arguments.
+#pragma once
+
+#include <cstdint>
+
+namespace fastcl {
+
+// Elements per work item of the penalty. Work items never straddle tensors; their
+// partial sums are added in item order, so the value does not depend on the thread count.
+constexpr int64_t kPenaltyChunk = 1 << 16;
+
+// value = scale · Σ_t Σ_k w·φ(θ−a) (φ = d²/2 for kind 0, |d| for kind 1);
+// if grads != nullptr: grads[t] += scale · w · φ'(θ−a), in the grad's (= θ's) dtype.
+// weights == nullptr or weight_dtype == kNone means w = 1.
+double penalty_cpu(int64_t num_tensors, const void* const* params, const void* const* anchors,
+                   const void* const* weights, void* const* grads, const int64_t* sizes,
+                   int param_dtype, int anchor_dtype, int weight_dtype, int kind, double scale,
+                   int num_threads);
+
+// Per row r of [R, V] logits: row_loss[r] = T²·KL(softmax(t/T) ‖ softmax(s/T)),
+// grad[r] = T·(softmax(s/T) − softmax(t/T)) in the logits' dtype; rows with mask[r] == 0
+// (mask may be nullptr) get 0. row_loss is float32.
+void distill_cpu(const void* student, const void* teacher, const uint8_t* mask, float* row_loss,
+                 void* grad, int64_t rows, int64_t vocab, int dtype, double temperature,
+                 int num_threads);
+
+}  // namespace fastcl

@@ -1,0 +1,172 @@
+r"""The ``cpp`` backend: CPU kernels of the compiled extension ``fastcl._C`` (C++/OpenMP).
+
+* ``penalty``: ``value = s·Σ_t Σ_k w·φ(θ−a)`` and, with grads, ``grad_t += s·w·φ'(θ−a)``
+  (φ = d²/2 or |d|), every tensor of the list in one call and one pass over memory.
+  Work is cut into fixed chunks of 64K elements spanning all tensors; chunk partial
+  sums are added in chunk order, so the value is bitwise the same for any thread count.
+* ``distill``: per row ``T²·KL(softmax(t/T) ‖ softmax(s/T))`` and ``T·(softmax(s/T) −
+  softmax(t/T))``, rows split over threads.
+
+θ/grad/logits in float32, bfloat16 or float16; anchors and weights in float32 or
+bfloat16; math in float32. The extension takes raw addresses (``data_ptr()``), sizes and
+dtype codes, never torch objects, so one build serves every torch version; this module
+checks the tensors before passing their addresses. Threads: ``torch.get_num_threads()``.
+
+Importing this module never fails: without the extension, :data:`BUILD_ERROR` says why
+and :func:`unavailable_reason` reports it to the dispatcher.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+try:
+    from .. import _C
+except ImportError as exc:  # not built (no compiler at install time, or the compile failed)
+    _C = None
+    BUILD_ERROR: str | None = (
+        f"fastcl._C is not available ({type(exc).__name__}: {exc}); "
+        "reinstall fastcl with a C++17 compiler to build it"
+    )
+else:
+    BUILD_ERROR = None
+
+__all__ = ["BUILD_ERROR", "OPS", "distill", "penalty", "unavailable_reason", "unsupported_reason"]
+
+# dtype codes of csrc/cpu/dtypes.h
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+STORAGE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+KIND_CODES = {"quadratic": 0, "l1": 1}
+
+
+def _check_cpu_contiguous(label: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{label} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{label} must be on the CPU for the cpp backend, got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{label} must be contiguous for the cpp backend")
+
+
+def _check_list(label: str, tensors: Sequence[torch.Tensor], params: Sequence[torch.Tensor], dtypes) -> torch.dtype:
+    if len(tensors) != len(params):
+        raise ValueError(f"{label} has {len(tensors)} tensors but params has {len(params)}")
+    dtype = tensors[0].dtype
+    for i, (t, p) in enumerate(zip(tensors, params)):
+        _check_cpu_contiguous(f"{label}[{i}]", t)
+        if t.dtype != dtype:
+            raise TypeError(f"{label}[{i}] has dtype {t.dtype} but {label}[0] has {dtype}; one dtype per list")
+        if t.shape != p.shape:
+            raise ValueError(f"{label}[{i}] has shape {tuple(t.shape)} but params[{i}] has {tuple(p.shape)}")
+    if dtype not in dtypes:
+        raise TypeError(f"{label} must have dtype in {tuple(dtypes)}, got {dtype}")
+    return dtype
+
+
+def penalty(
+    params: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor] | None,
+    scale: float,
+    kind: str,
+    grads: Sequence[torch.Tensor] | None,
+) -> torch.Tensor:
+    """``s·Σ w·φ(θ−a)`` as a 0-dim float32 tensor; with ``grads``, ``grads[t] += s·w·φ'(θ−a)``.
+
+    Called by :func:`fastcl.ops.penalty` (signature and guarantees in its module
+    docstring). Anchors or weights stored in float64 take the reference path.
+    """
+    if _C is None:
+        raise RuntimeError(BUILD_ERROR)
+    if kind not in KIND_CODES:
+        raise ValueError(f"kind must be one of {tuple(KIND_CODES)}, got {kind!r}")
+    params = list(params)
+    if not params:
+        return torch.zeros((), dtype=torch.float32)
+    if any(seq is not None and seq and seq[0].dtype == torch.float64 for seq in (anchors, weights)):
+        from ..ops.penalty import penalty_reference
+
+        return penalty_reference(params, anchors, weights, scale, kind, grads)
+    p_dtype = _check_list("params", params, params, DTYPE_CODES)
+    a_dtype = _check_list("anchors", anchors, params, STORAGE_CODES)
+    w_dtype = None if weights is None else _check_list("weights", weights, params, STORAGE_CODES)
+    if grads is not None:
+        _check_list("grads", grads, params, (p_dtype,))
+    value = _C.penalty(
+        [p.data_ptr() for p in params],
+        [a.data_ptr() for a in anchors],
+        [] if weights is None else [w.data_ptr() for w in weights],
+        [] if grads is None else [g.data_ptr() for g in grads],
+        [p.numel() for p in params],
+        DTYPE_CODES[p_dtype],
+        STORAGE_CODES[a_dtype],
+        -1 if w_dtype is None else STORAGE_CODES[w_dtype],
+        KIND_CODES[kind],
+        float(scale),
+        torch.get_num_threads(),
+    )
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def distill(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row ``(T²·KL(softmax(t/T) ‖ softmax(s/T)), T·(softmax(s/T) − softmax(t/T)))``.
+
+    ``student``, ``teacher``: ``[R, V]`` contiguous CPU tensors of one dtype; ``mask``:
+    ``None`` or ``[R]`` bool (False rows get 0). Returns ``row_loss`` ``[R]`` float32 and
+    ``grad`` ``[R, V]`` in the student's dtype.
+    """
+    if _C is None:
+        raise RuntimeError(BUILD_ERROR)
+    _check_cpu_contiguous("student", student)
+    _check_cpu_contiguous("teacher", teacher)
+    if student.dim() != 2 or student.shape[0] < 1 or student.shape[1] < 1:
+        raise ValueError(f"student must be [R, V] with R, V >= 1, got shape {tuple(student.shape)}")
+    if teacher.shape != student.shape:
+        raise ValueError(f"teacher has shape {tuple(teacher.shape)} but student has {tuple(student.shape)}")
+    if student.dtype not in DTYPE_CODES or teacher.dtype != student.dtype:
+        raise TypeError(f"student and teacher must share a dtype in {tuple(DTYPE_CODES)}, got {student.dtype} and {teacher.dtype}")
+    if not (temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    rows, vocab = student.shape
+    if mask is not None:
+        if mask.dtype != torch.bool or tuple(mask.shape) != (rows,) or mask.device.type != "cpu":
+            raise ValueError(f"mask must be a CPU bool tensor of shape ({rows},), got {mask.dtype} {tuple(mask.shape)} on {mask.device}")
+        mask = mask.contiguous()
+    row_loss = torch.empty(rows, dtype=torch.float32)
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+    _C.distill(
+        student.data_ptr(),
+        teacher.data_ptr(),
+        0 if mask is None else mask.data_ptr(),
+        row_loss.data_ptr(),
+        grad.data_ptr(),
+        rows,
+        vocab,
+        DTYPE_CODES[student.dtype],
+        float(temperature),
+        torch.get_num_threads(),
+    )
+    return row_loss, grad
+
+
+OPS = {"penalty": penalty, "distill": distill}
+
+
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """``None`` when the cpp kernels can run on ``device`` (a CPU with fastcl._C built), else why not."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return f"the cpp backend runs on CPU tensors only, not {device.type}"
+    return BUILD_ERROR
+
+
+def unsupported_reason(op: str, dtype: torch.dtype) -> str | None:
+    """``None`` when ``op`` has a cpp kernel for tensors of ``dtype``, else why not."""
+    if op not in OPS:
+        return f"the cpp backend has no {op} kernel"
+    if dtype not in DTYPE_CODES:
+        return f"the cpp backend supports float32, bfloat16 and float16, not {dtype}"
+    return None

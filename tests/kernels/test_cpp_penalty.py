@@ -1,0 +1,193 @@
+"""The cpp penalty kernel (fastcl._C) against float64 formulas, directly and through fastcl.ops.penalty.
+
+value = s·Σ w·φ(θ−a), grads += s·w·φ'(θ−a), φ = d²/2 (quadratic) or |d| (l1).
+Skipped when fastcl._C is not built, except ``test_extension_is_built`` under
+FASTCL_REQUIRE_CPP=1 (CI), so a broken build cannot hide behind the skips.
+"""
+import os
+import zlib
+
+import pytest
+import torch
+
+from fastcl.kernels import cpp
+from fastcl.ops import penalty, use_backend
+
+needs_ext = pytest.mark.skipif(cpp._C is None, reason=f"fastcl._C not built: {cpp.BUILD_ERROR}")
+
+ODD_SIZES = [(1,), (7,), (65537,), (200003,)]
+GRAD_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2**-8, 1e-6), torch.float16: (2**-10, 1e-6)}  # (rtol, atol)
+
+
+def test_extension_is_built():
+    if cpp.BUILD_ERROR is not None:
+        if os.environ.get("FASTCL_REQUIRE_CPP") == "1":
+            pytest.fail(f"FASTCL_REQUIRE_CPP=1 but the C++ extension is missing: {cpp.BUILD_ERROR}")
+        pytest.skip(cpp.BUILD_ERROR)
+    assert cpp.unavailable_reason("cpu") is None
+    assert cpp.unsupported_reason("penalty", torch.float64) is not None
+    assert cpp.unavailable_reason("meta") is not None
+
+
+def make(shapes, dtype, storage, weighted, seed):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    anchors = [(p.float() + 0.5 * torch.randn(s, generator=g)).to(storage) for p, s in zip(params, shapes)]
+    weights = [torch.rand(s, generator=g).to(storage) for s in shapes] if weighted else None
+    grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    return params, anchors, weights, grads
+
+
+def expected(params, anchors, weights, scale, kind, grads):
+    """float64: (value, grads + s·w·φ'(θ−a))."""
+    value, new_grads = 0.0, []
+    for i, p in enumerate(params):
+        d = p.double() - anchors[i].double()
+        w = torch.ones_like(d) if weights is None else weights[i].double()
+        phi, slope = (d * d / 2, d) if kind == "quadratic" else (d.abs(), d.sign())
+        value += (w * phi).sum().item()
+        new_grads.append(None if grads is None else grads[i].double() + scale * w * slope)
+    return scale * value, new_grads
+
+
+def assert_grads_close(got, want, dtype):
+    rtol, atol = GRAD_TOL[dtype]
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("kind", ["quadratic", "l1"])
+def test_kernel_matches_float64(dtype, storage, weighted, kind):
+    seed = zlib.crc32(repr((dtype, storage, weighted, kind)).encode())
+    params, anchors, weights, start = make(ODD_SIZES, dtype, storage, weighted, seed)
+    grads = [g.clone() for g in start]
+    value = cpp.penalty(params, anchors, weights, 0.37, kind, grads)
+    want_value, want_grads = expected(params, anchors, weights, 0.37, kind, start)
+    assert value.dtype == torch.float32 and value.dim() == 0
+    assert value.item() == pytest.approx(want_value, rel=1e-4)
+    assert_grads_close(grads, want_grads, dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["quadratic", "l1"])
+def test_value_only_leaves_inputs_alone(kind):
+    params, anchors, weights, _ = make(ODD_SIZES[:3], torch.float32, torch.float32, True, seed=3)
+    before = [p.clone() for p in params]
+    value = cpp.penalty(params, anchors, weights, 2.0, kind, None)
+    assert value.item() == pytest.approx(expected(params, anchors, weights, 2.0, kind, None)[0], rel=1e-4)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_rounding_matches_torch(dtype):
+    """Grads are rounded like torch's float32 -> dtype conversion: overflow, subnormals, ties."""
+    g = torch.Generator().manual_seed(11)
+    n = 4099
+    magnitude = 10.0 ** (torch.rand(n, generator=g) * 14 - 9)  # 1e-9 .. 1e5: fp16 subnormals; sums overflow fp16
+    theta = (torch.randn(n, generator=g) * magnitude).clamp(-6e4, 6e4).to(dtype)
+    anchors = torch.randn(n, generator=g) * magnitude * 0.1
+    start = (torch.randn(n, generator=g) * magnitude).clamp(-6e4, 6e4).to(dtype)
+    grad = start.clone()
+    cpp.penalty([theta], [anchors], None, 3.0, "quadratic", [grad])
+    d = theta.float() - anchors
+    want = (start.float() + 3.0 * d).to(dtype)
+    assert torch.equal(grad.view(torch.int16), want.view(torch.int16))
+
+
+@needs_ext
+def test_many_tensors_one_call():
+    g = torch.Generator().manual_seed(5)
+    shapes = [(int(n),) for n in torch.randint(1, 3000, (300,), generator=g)] + [(70000,), (3, 5, 7)]
+    params, anchors, weights, start = make(shapes, torch.float32, torch.bfloat16, True, seed=6)
+    grads = [s.clone() for s in start]
+    value = cpp.penalty(params, anchors, weights, 0.5, "quadratic", grads)
+    want_value, want_grads = expected(params, anchors, weights, 0.5, "quadratic", start)
+    assert value.item() == pytest.approx(want_value, rel=1e-4)
+    assert_grads_close(grads, want_grads, torch.float32)
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["quadratic", "l1"])
+def test_value_is_bitwise_independent_of_thread_count(kind):
+    params, anchors, weights, start = make([(150001,), (3,), (65536,), (131073,)], torch.float32, torch.float32, True, seed=8)
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            grads = [s.clone() for s in start]
+            results.append((cpp.penalty(params, anchors, weights, 0.9, kind, grads), grads))
+    finally:
+        torch.set_num_threads(saved)
+    (v1, g1), (v2, g2) = results
+    assert torch.equal(v1, v2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["quadratic", "l1"])
+def test_public_op_with_strided_params(kind):
+    """Contiguous tensors go to the kernel, strided ones to the reference path; the sum is checked."""
+    g = torch.Generator().manual_seed(9)
+    params = [torch.randn(33, 17, generator=g).t(), torch.randn(1001, generator=g), torch.randn(64, 64, generator=g)[:, ::2], torch.randn(5, generator=g)]
+    anchors = [torch.randn(p.shape, generator=g) for p in params]
+    weights = [torch.rand(p.shape, generator=g) for p in params]
+    start = [torch.randn(p.shape, generator=g) for p in params]
+    grads = [s.clone() for s in start]
+    with use_backend("cpp"):
+        value = penalty(params, anchors, weights, scale=1.3, kind=kind, grads=grads)
+    want_value, want_grads = expected(params, anchors, weights, 1.3, kind, start)
+    assert value.item() == pytest.approx(want_value, rel=1e-4)
+    assert_grads_close(grads, want_grads, torch.float32)
+
+
+@needs_ext
+def test_public_op_mixed_storage_dtypes_and_unweighted():
+    params, anchors, _, start = make([(7,), (65537,), (12, 11)], torch.bfloat16, torch.float32, False, seed=10)
+    anchors[1] = anchors[1].to(torch.bfloat16)  # its own kernel call
+    grads = [s.clone() for s in start]
+    with use_backend("cpp"):
+        value = penalty(params, anchors, None, scale=0.25, kind="quadratic", grads=grads)
+    want_value, want_grads = expected(params, anchors, None, 0.25, "quadratic", start)
+    assert value.item() == pytest.approx(want_value, rel=1e-4)
+    assert_grads_close(grads, want_grads, torch.bfloat16)
+
+
+@needs_ext
+def test_empty_lists_and_empty_tensors():
+    with use_backend("cpp"):
+        assert penalty([], [], None).item() == 0.0
+        p, a = torch.randn(0), torch.randn(0)
+        assert penalty([p, torch.ones(3)], [a, torch.zeros(3)], None, kind="l1").item() == pytest.approx(3.0)
+    assert cpp.penalty([], [], None, 1.0, "quadratic", None).item() == 0.0
+
+
+@needs_ext
+def test_float64_storage_takes_reference_path():
+    params, anchors, weights, start = make([(9,), (70000,)], torch.float32, torch.float64, True, seed=12)
+    grads = [s.clone() for s in start]
+    value = cpp.penalty(params, anchors, weights, 0.8, "l1", grads)
+    want_value, want_grads = expected(params, anchors, weights, 0.8, "l1", start)
+    assert value.item() == pytest.approx(want_value, rel=1e-4)
+    assert_grads_close(grads, want_grads, torch.float32)
+
+
+@needs_ext
+def test_rejects_bad_arguments():
+    p, a = torch.randn(4, 4), torch.randn(4, 4)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpp.penalty([p.t()], [a], None, 1.0, "quadratic", None)
+    with pytest.raises(TypeError, match="grads"):
+        cpp.penalty([p], [a], None, 1.0, "quadratic", [torch.zeros(4, 4, dtype=torch.float16)])
+    with pytest.raises(ValueError, match="shape"):
+        cpp.penalty([p], [torch.randn(16)], None, 1.0, "quadratic", None)
+    with pytest.raises(ValueError, match="kind"):
+        cpp.penalty([p], [a], None, 1.0, "huber", None)
+    with pytest.raises(TypeError, match="params"):
+        cpp.penalty([p.double()], [a], None, 1.0, "quadratic", None)
