@@ -21,6 +21,8 @@ from typing import Sequence
 
 import torch
 
+from ._checks import check_list, check_tensor
+
 try:
     from .. import _C
 except ImportError as exc:  # not built (no compiler at install time, or the compile failed)
@@ -38,30 +40,9 @@ __all__ = ["BUILD_ERROR", "OPS", "distill", "penalty", "unavailable_reason", "un
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 STORAGE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 KIND_CODES = {"quadratic": 0, "l1": 1}
+_CPU = torch.device("cpu")
 
 
-def _check_cpu_contiguous(label: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{label} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise ValueError(f"{label} must be on the CPU for the cpp backend, got {t.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{label} must be contiguous for the cpp backend")
-
-
-def _check_list(label: str, tensors: Sequence[torch.Tensor], params: Sequence[torch.Tensor], dtypes) -> torch.dtype:
-    if len(tensors) != len(params):
-        raise ValueError(f"{label} has {len(tensors)} tensors but params has {len(params)}")
-    dtype = tensors[0].dtype
-    for i, (t, p) in enumerate(zip(tensors, params)):
-        _check_cpu_contiguous(f"{label}[{i}]", t)
-        if t.dtype != dtype:
-            raise TypeError(f"{label}[{i}] has dtype {t.dtype} but {label}[0] has {dtype}; one dtype per list")
-        if t.shape != p.shape:
-            raise ValueError(f"{label}[{i}] has shape {tuple(t.shape)} but params[{i}] has {tuple(p.shape)}")
-    if dtype not in dtypes:
-        raise TypeError(f"{label} must have dtype in {tuple(dtypes)}, got {dtype}")
-    return dtype
 
 
 def penalty(
@@ -88,11 +69,11 @@ def penalty(
         from ..ops.penalty import penalty_reference
 
         return penalty_reference(params, anchors, weights, scale, kind, grads)
-    p_dtype = _check_list("params", params, params, DTYPE_CODES)
-    a_dtype = _check_list("anchors", anchors, params, STORAGE_CODES)
-    w_dtype = None if weights is None else _check_list("weights", weights, params, STORAGE_CODES)
+    p_dtype = check_list("params", params, params, _CPU, DTYPE_CODES, "cpp")
+    a_dtype = check_list("anchors", anchors, params, _CPU, STORAGE_CODES, "cpp")
+    w_dtype = None if weights is None else check_list("weights", weights, params, _CPU, STORAGE_CODES, "cpp")
     if grads is not None:
-        _check_list("grads", grads, params, (p_dtype,))
+        check_list("grads", grads, params, _CPU, (p_dtype,), "cpp")
     value = _C.penalty(
         [p.data_ptr() for p in params],
         [a.data_ptr() for a in anchors],
@@ -120,8 +101,8 @@ def distill(
     """
     if _C is None:
         raise RuntimeError(BUILD_ERROR)
-    _check_cpu_contiguous("student", student)
-    _check_cpu_contiguous("teacher", teacher)
+    check_tensor("student", student, _CPU, "cpp")
+    check_tensor("teacher", teacher, _CPU, "cpp")
     if student.dim() != 2 or student.shape[0] < 1 or student.shape[1] < 1:
         raise ValueError(f"student must be [R, V] with R, V >= 1, got shape {tuple(student.shape)}")
     if teacher.shape != student.shape:

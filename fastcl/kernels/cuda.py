@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from ._checks import check_list
+
 try:
     from .. import _cuda
 except ImportError as exc:  # not built (no nvcc at install time, FASTCL_BUILD_CUDA=0, or a failed compile)
@@ -39,26 +41,6 @@ __all__ = ["BUILD_ERROR", "OPS", "penalty", "unavailable_reason", "unsupported_r
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 STORAGE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 KIND_CODES = {"quadratic": 0, "l1": 1}
-
-
-def _check_list(label: str, tensors: Sequence[torch.Tensor], params: Sequence[torch.Tensor], device: torch.device, dtypes) -> torch.dtype:
-    if len(tensors) != len(params):
-        raise ValueError(f"{label} has {len(tensors)} tensors but params has {len(params)}")
-    dtype = tensors[0].dtype
-    for i, (t, p) in enumerate(zip(tensors, params)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{label}[{i}] must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != device:
-            raise ValueError(f"{label}[{i}] is on {t.device}; every tensor must be on {device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{label}[{i}] must be contiguous for the cuda backend")
-        if t.dtype != dtype:
-            raise TypeError(f"{label}[{i}] has dtype {t.dtype} but {label}[0] has {dtype}; one dtype per list")
-        if t.shape != p.shape:
-            raise ValueError(f"{label}[{i}] has shape {tuple(t.shape)} but params[{i}] has {tuple(p.shape)}")
-    if dtype not in dtypes:
-        raise TypeError(f"{label} must have dtype in {tuple(dtypes)}, got {dtype}")
-    return dtype
 
 
 def penalty(
@@ -89,11 +71,11 @@ def penalty(
         from ..ops.penalty import penalty_reference
 
         return penalty_reference(params, anchors, weights, scale, kind, grads)
-    p_dtype = _check_list("params", params, params, device, DTYPE_CODES)
-    a_dtype = _check_list("anchors", anchors, params, device, STORAGE_CODES)
-    w_dtype = None if weights is None else _check_list("weights", weights, params, device, STORAGE_CODES)
+    p_dtype = check_list("params", params, params, device, DTYPE_CODES, "cuda")
+    a_dtype = check_list("anchors", anchors, params, device, STORAGE_CODES, "cuda")
+    w_dtype = None if weights is None else check_list("weights", weights, params, device, STORAGE_CODES, "cuda")
     if grads is not None:
-        _check_list("grads", grads, params, device, (p_dtype,))
+        check_list("grads", grads, params, device, (p_dtype,), "cuda")
     sizes = [p.numel() for p in params]
     num_partials = _cuda.penalty_num_partials(sizes)
     partials = torch.empty(max(num_partials, 1), dtype=torch.float32, device=device)
