@@ -15,7 +15,7 @@ sum of absolute per-sample gradients.
   torch reference materialises them in chunks of samples bounded to ~64 MiB.
 
 Backend kernels (``OPS["sqgrad"]``) are called as ``kernel(x, g, out, power)`` with
-``x: [B, T, I]``, ``g: [B, T, O]`` contiguous, one dtype (float32, bfloat16, float16;
+``x: [B, T, I]``, ``g: [B, T, O]`` contiguous (strided for the torch reference), one dtype (float32, bfloat16, float16;
 float64 for torch only), ``B, T, I, O ≥ 1``, ``out: [O, I]`` contiguous float32
 (float64 when x is float64) on the same device; they accumulate into ``out``.
 """
@@ -45,8 +45,8 @@ def sqgrad_reference(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor, power:
     for start in range(0, B, chunk):
         xs = x[start:start + chunk].to(acc)
         gs = g[start:start + chunk].to(acc)
-        per_sample = torch.bmm(gs.transpose(1, 2), xs)  # [b, O, I]
-        out += (per_sample.square() if power == 2 else per_sample.abs()).sum(0)
+        per_sample = torch.bmm(gs.transpose(1, 2), xs)  # [b, O, I], a fresh buffer: raise it in place
+        out += (per_sample.square_() if power == 2 else per_sample.abs_()).sum(0)
     return out
 
 
@@ -89,16 +89,20 @@ def sqgrad(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None, *,
         return out
     impl = _sqgrad_op if (_sqgrad_op is not None and compiling()) else _sqgrad_impl
     if out.is_contiguous():
-        impl(x.contiguous(), g.contiguous(), out, power)
+        impl(x, g, out, power)
     else:
         tmp = torch.zeros((O, I), dtype=out.dtype, device=out.device)
-        impl(x.contiguous(), g.contiguous(), tmp, power)
+        impl(x, g, tmp, power)
         out += tmp
     return out
 
 
 def _sqgrad_impl(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor, power: int) -> None:
-    _, kernel = resolve("sqgrad", x.device, x.dtype)
+    name, kernel = resolve("sqgrad", x.device, x.dtype)
+    if name != "torch":
+        # Kernels index raw rows; the torch reference's bmm reads strided views (e.g. the
+        # transposed im2col of a convolution) without the two copies.
+        x, g = x.contiguous(), g.contiguous()
     kernel(x, g, out, power)
 
 
