@@ -7,7 +7,11 @@ and a pure-PyTorch fallback.
 """
 from ._version import __version__
 from .ops import BackendUnavailableError, backend_info, distillation_loss, fused_linear_distillation, use_backend
+from . import scenarios
+from .data import balanced_sampler, class_counts, class_weights
+from .finetune import GradualUnfreezer, freeze, layerwise_lr_groups, trainable_parameters, unfreeze
 from .importance import PerSampleFallbackWarning, canonical_name, diagonal_fisher, mas_importance, named_trainable_parameters
+from .metrics import AccuracyMatrix
 from .strategies import EWC, L1SP, L2SP, MAS, SI, LwF
 
 __all__ = [
@@ -28,4 +32,14 @@ __all__ = [
     "LwF",
     "MAS",
     "SI",
+    "AccuracyMatrix",
+    "GradualUnfreezer",
+    "balanced_sampler",
+    "class_counts",
+    "class_weights",
+    "freeze",
+    "layerwise_lr_groups",
+    "scenarios",
+    "trainable_parameters",
+    "unfreeze",
 ]

@@ -1,0 +1,258 @@
+"""The ``fastcl`` command (also ``python -m fastcl``).
+
+Subcommands:
+
+* ``fastcl demo``: every strategy on permuted and split digits, one table (see :mod:`fastcl.demo`).
+* ``fastcl info``: versions, devices and the backend each op would use on each device.
+* ``fastcl bench [ARGS...]``: ``benchmarks/run.py ARGS...`` from the source tree, if present.
+
+Bad input prints one line ``fastcl <cmd>: error: <what>`` on stderr and exits with 2; a
+failure while running (e.g. a diverged training run) prints one line and exits with 1
+(``FASTCL_DEBUG=1`` shows the traceback instead).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump) and exit with 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def _build_parser() -> tuple[_Parser, _Parser]:
+    """The ``fastcl`` parser and its ``demo`` subparser."""
+    from .demo import SCENARIOS, STRATEGIES, DemoConfig
+
+    defaults = DemoConfig()
+    parser = _Parser(prog="fastcl", description="fastcl: retrain a PyTorch network on new data without forgetting the old.")
+    parser.add_argument("--version", action="version", version=f"fastcl {_fastcl_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,info,bench}")
+
+    demo = sub.add_parser(
+        "demo",
+        help="continual learning on the bundled digits with every strategy",
+        description=(
+            "Train every strategy on 5 tasks of scikit-learn's digits (permuted pixels: domain-incremental; "
+            "pairs of digits: task-incremental) from the same initial weights and data order, and print "
+            "average accuracy, forgetting and backward transfer after the last task."
+        ),
+    )
+    demo.add_argument("--scenario", default="all", choices=(*SCENARIOS, "all"), help="scenario to run (default: all)")
+    demo.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES),
+        metavar="LIST",
+        help=f"comma-separated strategies from {','.join(STRATEGIES)} (default: all)",
+    )
+    demo.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help=f"epochs per task (default: {defaults.epochs})")
+    demo.add_argument("--seed", type=_non_negative_int, default=defaults.seed, help="seed of the data split, permutations, initial weights and batch order")
+    demo.add_argument("--lr", type=_positive_float, default=defaults.lr, help=f"SGD learning rate (default: {defaults.lr})")
+    demo.add_argument("--hidden", type=_positive_int, default=defaults.hidden, help=f"hidden width of the MLP (default: {defaults.hidden})")
+    demo.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    demo.add_argument("--json", metavar="PATH", help="write all results (metrics and accuracy matrices) as JSON")
+    demo.add_argument("--plot", metavar="PATH.png", help="plot average accuracy after each task (needs matplotlib)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar (it is shown on stderr only when stderr is a terminal)")
+
+    sub.add_parser("info", help="versions, devices and the backend of each op", description="Versions, devices and backends.")
+    sub.add_parser(
+        "bench",
+        help="run benchmarks/run.py from the source tree (arguments are passed through)",
+        description="Run benchmarks/run.py from the source tree; all arguments are passed to it.",
+        add_help=False,
+    )
+    return parser, demo
+
+
+def _fastcl_version() -> str:
+    from ._version import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------------------- demo
+def _parse_strategies(parser: _Parser, text: str) -> list[str]:
+    from .demo import STRATEGIES
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        parser.error("--strategies is empty")
+    unknown = [s for s in names if s not in STRATEGIES]
+    if unknown:
+        parser.error(f"unknown strategy {', '.join(map(repr, unknown))} in --strategies; choose from {','.join(STRATEGIES)}")
+    return list(dict.fromkeys(names))
+
+
+def _check_device(parser: _Parser, text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        parser.error(f"--device {text!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {text}: CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        parser.error(f"--device {text}: only cpu and cuda devices are supported")
+    return str(device)
+
+
+def _run_demo(args: argparse.Namespace, parser: _Parser) -> int:
+    import json
+
+    import torch
+
+    from .demo import SCENARIOS, config_with, format_table, run_demo, save_plot
+
+    strategies = _parse_strategies(parser, args.strategies)
+    device = _check_device(parser, args.device)
+    scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("fastcl demo: error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            return 2
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            parent = Path(path).expanduser().resolve().parent
+            if not parent.is_dir():
+                parser.error(f"{flag} {path}: directory {parent} does not exist")
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        print("fastcl demo: error: the demo needs scikit-learn for its bundled digits (pip install scikit-learn)", file=sys.stderr)
+        return 2
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # the MLP is tiny: intra-op threads cost more than they bring
+    cfg = config_with(epochs=args.epochs, seed=args.seed, device=device, lr=args.lr, hidden=args.hidden)
+    results = run_demo(scenarios, strategies, cfg, progress=False if args.quiet else None)
+    print(format_table(results))
+    if args.json is not None:
+        with open(Path(args.json).expanduser(), "w") as fh:
+            json.dump(results, fh, indent=2)
+    if args.plot is not None:
+        save_plot(results, str(Path(args.plot).expanduser()))
+    return 0
+
+
+# ---------------------------------------------------------------------------- info
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _run_info() -> int:
+    import torch
+
+    from .ops import backend_info, backend_status
+
+    print(f"fastcl  {_fastcl_version()}")
+    print(f"torch   {torch.__version__}")
+    print(f"triton  {_package_version('triton')}")
+    print(f"python  {platform.python_version()} ({sys.executable})")
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        print(f"cuda    {torch.version.cuda}")
+    print("devices:")
+    for dev in devices:
+        name = (platform.processor() or platform.machine()) if dev == "cpu" else torch.cuda.get_device_name(dev)
+        print(f"  {dev}: {name}")
+        ops = backend_info(dev)
+        print("    ops: " + ", ".join(f"{op} -> {backend}" for op, backend in ops.items()))
+        for backend, reason in backend_status(dev).items():
+            print(f"    {backend}: " + ("available" if reason is None else f"unavailable ({_one_line(reason)})"))
+    return 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# ---------------------------------------------------------------------------- bench
+def _run_bench(argv: Sequence[str]) -> int:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+    if not script.is_file():
+        print(
+            "fastcl bench: benchmarks/run.py is not here (it ships with the source tree, not the wheel); "
+            "clone the repository and run it from there",
+            file=sys.stderr,
+        )
+        return 2
+    return subprocess.call([sys.executable, str(script), *argv])
+
+
+# ---------------------------------------------------------------------------- entry point
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fastcl`` / ``python -m fastcl``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return _run_bench(argv[1:])
+    parser, demo_parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        (demo_parser if args.command == "demo" else parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command is None:
+        parser.error("a command is required: demo, info or bench")
+    try:
+        if args.command == "info":
+            return _run_info()
+        return _run_demo(args, demo_parser)
+    except KeyboardInterrupt:
+        print("fastcl: interrupted", file=sys.stderr)
+        return 130
+    except (FloatingPointError, ValueError, RuntimeError, OSError) as exc:
+        # user-facing failures (a diverged run, a bad FASTCL_BACKEND, an unwritable path): one line,
+        # no traceback unless FASTCL_DEBUG=1
+        if os.environ.get("FASTCL_DEBUG"):
+            raise
+        print(f"fastcl {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1

@@ -1,0 +1,445 @@
+"""Continual learning on scikit-learn's bundled digits: every strategy, same seeds, one table.
+
+Scenarios (5 tasks each, test accuracy on every task after every task goes into an
+:class:`~fastcl.metrics.AccuracyMatrix`):
+
+* ``permuted-digits`` (domain-incremental): task ``t`` is all ten digits with the 64
+  pixels reordered by a fixed permutation (task 0: the identity); one 10-way head.
+* ``split-digits`` (task-incremental): task ``t`` is the digits ``{2t, 2t+1}``; loss and
+  prediction use only the logits of the current task's two classes (a multi-head
+  network as column masks of one 10-way head).
+
+Strategies: ``finetune`` (plain sequential training), ``freeze`` (after task 0 only the
+last layer trains), ``l2sp``, ``ewc``, ``online-ewc``, ``si``, ``mas``, ``lwf``. Every
+strategy starts from the same initial weights and sees the same mini-batches.
+The model is an MLP ``64 → h → h → 10`` (ReLU) trained with SGD (momentum 0.9); one
+optimizer lives through all tasks. Weight-space penalties add their gradient with the
+fused ``add_penalty_grad_`` after ``backward()``; LwF adds its distillation loss.
+
+Defaults (:class:`DemoConfig`): 3 epochs per task, batch 32, lr 0.05, h = 128, EWC with
+the exact Fisher (expectation over the classes) and λ = 30 (online EWC: λ = 30, γ = 0.9),
+L2-SP λ = 0.1, SI λ = 3 (ξ = 0.1), MAS λ = 0.03, LwF λ = 1 at T = 2. They come from a
+small sweep on seed 0 (λ over a decade either side); every strategy got the same
+budget. Much larger λ with this learning rate makes SGD diverge on the stiff quadratic
+(the run then stops with a clear error).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .finetune import default_blocks, freeze, unfreeze
+from .metrics import AccuracyMatrix
+from .scenarios import Task, load_digits, permuted, split
+
+__all__ = ["SCENARIOS", "STRATEGIES", "DemoConfig", "run_demo", "format_table", "save_plot", "build_tasks"]
+
+SCENARIOS = ("permuted-digits", "split-digits")
+STRATEGIES = ("finetune", "freeze", "l2sp", "ewc", "online-ewc", "si", "mas", "lwf")
+
+
+def _default_strengths() -> dict[str, float]:
+    return {
+        "l2sp": 0.1,
+        "ewc": 30.0,
+        "online-ewc": 30.0,
+        "si": 3.0,
+        "mas": 0.03,
+        "lwf": 1.0,
+    }
+
+
+@dataclass
+class DemoConfig:
+    """Hyperparameters of the demo (the defaults are the ones the CLI uses).
+
+    ``strengths`` maps a strategy to its λ; ``online_decay`` is online EWC's γ;
+    ``lwf_temperature`` is LwF's T; ``fisher`` the EWC Fisher estimator.
+    """
+
+    epochs: int = 3
+    hidden: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    batch_size: int = 32
+    seed: int = 0
+    device: str = "cpu"
+    num_tasks: int = 5
+    strengths: dict[str, float] = field(default_factory=_default_strengths)
+    online_decay: float = 0.9
+    lwf_temperature: float = 2.0
+    fisher: str = "exact"
+    consolidate_batch_size: int = 256
+
+    def validate(self) -> None:
+        for name in ("epochs", "hidden", "batch_size", "num_tasks", "consolidate_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.num_tasks > 5:
+            raise ValueError(f"num_tasks must be at most 5 (split-digits has 5 pairs of classes), got {self.num_tasks}")
+        for name, value in self.strengths.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"strength of {name} must be a finite number >= 0, got {value!r}")
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class _TaskData:
+    """One task on the target device, with the columns of its head (``None``: all 10)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    columns: torch.Tensor | None
+
+
+def build_tasks(scenario: str, num_tasks: int = 5, seed: int = 0, device: str | torch.device = "cpu") -> list[_TaskData]:
+    """The tasks of ``scenario`` on ``device``; the data split and permutations follow ``seed``."""
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; expected one of {', '.join(SCENARIOS)}")
+    train, test = load_digits(test_fraction=0.25, seed=seed)
+    if scenario == "permuted-digits":
+        tasks: list[Task] = permuted(train, num_tasks, test=test, seed=seed)
+    else:
+        tasks = split(train, 2, test=test)[:num_tasks]
+    out = []
+    for task in tasks:
+        x, y = task.train.tensors
+        xt, yt = task.test.tensors
+        cols = None if scenario == "permuted-digits" else torch.tensor(task.classes, device=device)
+        out.append(_TaskData(x.to(device), y.to(device), xt.to(device), yt.to(device), cols))
+    return out
+
+
+def _restrict(logits: torch.Tensor, targets: torch.Tensor, columns: torch.Tensor | None):
+    """Logits and targets restricted to a task's head: the task's columns, targets re-indexed."""
+    if columns is None:
+        return logits, targets
+    remapped = (targets.unsqueeze(1) == columns.unsqueeze(0)).long().argmax(dim=1)
+    return logits.index_select(1, columns), remapped
+
+
+def _task_forward(columns: torch.Tensor | None):
+    """``forward(model, batch) -> (outputs, targets)`` for the importance engines: the task's head only."""
+    if columns is None:
+        return None
+
+    def forward(model: nn.Module, batch):
+        inputs, targets = batch
+        return _restrict(model(inputs), targets, columns)
+
+    return forward
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, task: _TaskData) -> float:
+    logits, targets = _restrict(model(task.x_test), task.y_test, task.columns)
+    return float((logits.argmax(dim=1) == targets).float().mean())
+
+
+def _mlp(hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+# ---------------------------------------------------------------------------- strategies
+def _strategies():
+    """``fastcl.strategies``, imported on first use (finetune/freeze do not need it)."""
+    from . import strategies
+
+    return strategies
+
+
+class _Strategy:
+    """How one strategy hooks into the shared training loop."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DemoConfig):
+        self.model, self.optimizer, self.cfg = model, optimizer, cfg
+
+    def extra_loss(self, inputs: torch.Tensor, logits: torch.Tensor, task: int, tasks: Sequence[_TaskData]):
+        """A differentiable term added to the task loss (``None``: nothing)."""
+        return None
+
+    def after_backward(self) -> None:
+        """Called between ``loss.backward()`` and ``optimizer.step()``."""
+
+    def end_task(self, task: int, tasks: Sequence[_TaskData]) -> None:
+        """Called once the training of ``task`` is over."""
+
+
+class _Finetune(_Strategy):
+    pass
+
+
+class _FreezeBody(_Strategy):
+    def end_task(self, task, tasks):
+        if task == 0:
+            freeze(self.model)
+            unfreeze(self.model, default_blocks(self.model)[-1] + ".*")
+
+
+class _Anchored(_Strategy):
+    """A weight-space regularizer whose gradient goes straight into ``.grad`` (fused path)."""
+
+    reg = None
+
+    def after_backward(self):
+        if self.reg is not None:
+            self.reg.add_penalty_grad_()
+
+
+class _L2SP(_Anchored):
+    def end_task(self, task, tasks):
+        if self.reg is None:  # anchors = the weights after task 0
+            self.reg = _strategies().L2SP(self.model, self.cfg.strengths["l2sp"])
+        else:
+            self.reg.consolidate()
+
+
+class _EWC(_Anchored):
+    def __init__(self, model, optimizer, cfg, online: bool = False):
+        super().__init__(model, optimizer, cfg)
+        if online:
+            self.reg = _strategies().EWC(model, cfg.strengths["online-ewc"], mode="online", decay=cfg.online_decay, fisher=cfg.fisher)
+        else:
+            self.reg = _strategies().EWC(model, cfg.strengths["ewc"], mode="separate", fisher=cfg.fisher)
+
+    def end_task(self, task, tasks):
+        t = tasks[task]
+        self.reg.consolidate(_batches(t.x, t.y, self.cfg.consolidate_batch_size), forward=_task_forward(t.columns), verbose=False)
+
+
+class _SI(_Anchored):
+    def __init__(self, model, optimizer, cfg):
+        super().__init__(model, optimizer, cfg)
+        self.reg = _strategies().SI(model, cfg.strengths["si"])
+        self.reg.attach(optimizer)
+
+    def end_task(self, task, tasks):
+        self.reg.consolidate()
+
+
+class _MAS(_Anchored):
+    def __init__(self, model, optimizer, cfg):
+        super().__init__(model, optimizer, cfg)
+        self.reg = _strategies().MAS(model, cfg.strengths["mas"])
+
+    def end_task(self, task, tasks):
+        t = tasks[task]
+        self.reg.consolidate(_batches(t.x, t.y, self.cfg.consolidate_batch_size), forward=_task_forward(t.columns), verbose=False)
+
+
+class _LwF(_Strategy):
+    def __init__(self, model, optimizer, cfg):
+        super().__init__(model, optimizer, cfg)
+        self.reg = _strategies().LwF(model, strength=cfg.strengths["lwf"], temperature=cfg.lwf_temperature)
+
+    def extra_loss(self, inputs, logits, task, tasks):
+        if not self.reg.consolidated:
+            return None
+        old = None
+        if tasks[0].columns is not None:
+            old = torch.cat([tasks[j].columns for j in range(task)])
+        return self.reg.penalty(inputs, logits, old_classes=old)
+
+    def end_task(self, task, tasks):
+        self.reg.consolidate()
+
+
+_FACTORIES: dict[str, Callable[..., _Strategy]] = {
+    "finetune": _Finetune,
+    "freeze": _FreezeBody,
+    "l2sp": _L2SP,
+    "ewc": _EWC,
+    "online-ewc": lambda m, o, c: _EWC(m, o, c, online=True),
+    "si": _SI,
+    "mas": _MAS,
+    "lwf": _LwF,
+}
+
+
+# ---------------------------------------------------------------------------- loop
+def train_strategy(
+    strategy: str, tasks: Sequence[_TaskData], cfg: DemoConfig, on_task_done: Callable[[int], None] | None = None
+) -> AccuracyMatrix:
+    """Train ``strategy`` on ``tasks`` in order; return the filled accuracy matrix.
+
+    ``on_task_done(t)`` is called after task ``t`` is trained and evaluated (progress).
+    The initial weights come from ``torch.manual_seed(cfg.seed)`` inside
+    :func:`torch.random.fork_rng`, so the caller's global RNG state is left as it was.
+    """
+    if strategy not in _FACTORIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    device = torch.device(cfg.device)
+    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(cfg.seed)
+        return _train(strategy, tasks, cfg, device, on_task_done)
+
+
+def _train(strategy, tasks, cfg, device, on_task_done) -> AccuracyMatrix:
+    model = _mlp(cfg.hidden).to(device)
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    hooks = _FACTORIES[strategy](model, optimizer, cfg)
+    matrix = AccuracyMatrix(len(tasks))
+    for t in range(len(tasks)):
+        task = tasks[t]
+        n = task.x.shape[0]
+        model.train()
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 10007 + t * 101 + epoch)).to(device)
+            for start in range(0, n, cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                inputs, targets = task.x[idx], task.y[idx]
+                logits = model(inputs)
+                loss = F.cross_entropy(*_restrict(logits, targets, task.columns))
+                extra = hooks.extra_loss(inputs, logits, t, tasks)
+                if extra is not None:
+                    loss = loss + extra
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                hooks.after_backward()
+                optimizer.step()
+            if not math.isfinite(float(loss.detach())):  # once per epoch: no per-step device sync
+                raise FloatingPointError(
+                    f"{strategy} diverged on task {t} (non-finite loss); lower its strength or the learning rate"
+                )
+        model.eval()
+        hooks.end_task(t, tasks)
+        for j, other in enumerate(tasks):
+            matrix.record(t, j, _accuracy(model, other))
+        if on_task_done is not None:
+            on_task_done(t)
+    return matrix
+
+
+def _warm_up() -> None:
+    """Pay torch's one-time costs (the first optimizer imports torch._dynamo) before any timing."""
+    p = torch.zeros(1, requires_grad=True)
+    torch.optim.SGD([p], lr=0.1).step()
+    torch.optim.Adam([p], lr=0.1).step()
+
+
+def run_demo(
+    scenarios: Sequence[str] = SCENARIOS,
+    strategies: Sequence[str] = STRATEGIES,
+    config: DemoConfig | None = None,
+    progress: bool | None = False,
+) -> dict[str, dict[str, dict]]:
+    """Run every strategy on every scenario.
+
+    ``progress``: a tqdm bar per scenario on stderr (``True``), none (``False``), or one only
+    when stderr is a terminal (``None``).
+
+    Returns ``{scenario: {strategy: {"average_accuracy", "forgetting", "backward_transfer",
+    "seconds", "accuracy_matrix"}}}`` (metrics after the last task, accuracies in [0, 1]).
+    """
+    cfg = config if config is not None else DemoConfig()
+    cfg.validate()
+    for s in scenarios:
+        if s not in SCENARIOS:
+            raise ValueError(f"unknown scenario {s!r}; expected one of {', '.join(SCENARIOS)}")
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise ValueError(f"unknown strategy {s!r}; expected one of {', '.join(STRATEGIES)}")
+    _warm_up()
+    results: dict[str, dict[str, dict]] = {}
+    for scenario in scenarios:
+        tasks = build_tasks(scenario, cfg.num_tasks, cfg.seed, cfg.device)
+        results[scenario] = {}
+        bar = None
+        if progress is not False:
+            from tqdm.auto import tqdm
+
+            # progress=None: only when stderr is a terminal (tqdm's disable=None)
+            bar = tqdm(total=len(strategies) * len(tasks), desc=scenario, unit="task", file=sys.stderr,
+                       leave=False, dynamic_ncols=True, disable=None if progress is None else False)
+        for strategy in strategies:
+            if bar is not None:
+                bar.set_postfix_str(strategy)
+            start = time.perf_counter()
+            matrix = train_strategy(strategy, tasks, cfg, None if bar is None else (lambda t: bar.update(1)))
+            seconds = time.perf_counter() - start
+            summary = matrix.to_dict()
+            results[scenario][strategy] = {
+                "average_accuracy": summary["average_accuracy"],
+                "forgetting": summary["forgetting"],
+                "backward_transfer": summary["backward_transfer"],
+                "seconds": seconds,
+                "accuracy_matrix": summary["accuracy_matrix"],
+            }
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def _pct(value) -> str:
+    return "    n/a" if value is None else f"{100 * value:7.1f}"
+
+
+def format_table(results: dict[str, dict[str, dict]]) -> str:
+    """A plain-text table per scenario: strategy, average accuracy, forgetting, BWT (in %), seconds."""
+    lines = []
+    for scenario, by_strategy in results.items():
+        lines.append(f"{scenario}")
+        lines.append(f"  {'strategy':<11} {'avg acc %':>9} {'forget %':>9} {'BWT %':>9} {'seconds':>8}")
+        for strategy, r in by_strategy.items():
+            lines.append(
+                f"  {strategy:<11} {_pct(r['average_accuracy']):>9} {_pct(r['forgetting']):>9} "
+                f"{_pct(r['backward_transfer']):>9} {r['seconds']:8.2f}"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
+def save_plot(results: dict[str, dict[str, dict]], path: str) -> None:
+    """Average accuracy over the tasks seen so far, after each task, per strategy (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    for ax, (scenario, by_strategy) in zip(axes[0], results.items()):
+        for strategy, r in by_strategy.items():
+            m = np.array([[np.nan if v is None else v for v in row] for row in r["accuracy_matrix"]])
+            curve = [np.nanmean(m[i, : i + 1]) * 100 for i in range(m.shape[0])]
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", label=strategy)
+        ax.set_title(scenario)
+        ax.set_xlabel("tasks trained")
+        ax.set_ylabel("average accuracy on seen tasks (%)")
+        ax.set_xticks(range(1, len(curve) + 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def config_with(**overrides) -> DemoConfig:
+    """``DemoConfig`` with some fields replaced (``None`` values are ignored)."""
+    return dataclasses.replace(DemoConfig(), **{k: v for k, v in overrides.items() if v is not None})
