@@ -31,6 +31,15 @@ called twice) has its per-sample gradients summed over the uses before squaring.
 Results are float32 (float64 for float64 parameters), accumulated in that precision even
 for bfloat16/float16 models, on each parameter's device, keyed by :func:`canonical_name`.
 The model's train/eval modes, ``requires_grad`` flags and ``.grad`` are left as found.
+
+Distributed (see :mod:`fastcl.distributed`): for a DDP-wrapped model, each rank runs the
+pass on its own data with the unwrapped module (``autograd.grad``: DDP's gradient
+all-reduce never fires), then the per-rank sums and sample counts are all-reduced, so
+every rank gets ``(Σ_ranks Σ_n |g_n|^p) / N_total``. For an FSDP2 (``fully_shard``) model
+the pass runs through FSDP's own unshard/reshard hooks, the sums are all-reduced and each
+rank returns its shard as a DTensor placed like the parameter. Every rank must call with
+the same number of batches (FSDP2's forward and backward are collectives), and
+``max_samples`` counts per rank.
 """
 from __future__ import annotations
 
@@ -47,6 +56,14 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from ._capture import Capture, resolve_layout
 from .fallback import Runner, per_sample_accumulate
 from .._names import _canonical_parameters, canonical_name, unwrap_model
+from ..distributed import (
+    all_reduce_sum,
+    as_dtensor_like,
+    collective_device,
+    data_parallel_groups,
+    is_dtensor,
+    local_shard,
+)
 from .rules import acc_dtype, accumulate, contributions
 
 __all__ = ["PerSampleFallbackWarning", "diagonal_fisher", "mas_importance"]
@@ -326,15 +343,18 @@ def _run(model, data, objective, power, max_samples, forward, params, verbose, d
         raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be callable, got {type(forward).__name__}")
+    groups = data_parallel_groups(model)  # before unwrapping: DDP's group lives on the wrapper
     base = unwrap_model(model)
     named = _canonical_parameters(base)
     by_name = dict(named)
     selected = _select(named, params)
     raw_names = {canonical_name(raw): raw for raw, _ in base.named_parameters()}
     device = _model_device(base)
+    # full-size accumulators, also for FSDP2 (DTensor) parameters: see _reduce
     acc = {n: torch.zeros(by_name[n].shape, dtype=acc_dtype(by_name[n].dtype), device=by_name[n].device)
            for n in selected}
-    pass_ = _Pass(base, selected, by_name, raw_names, acc, objective, power, forward, device)
+    sharded = any(is_dtensor(by_name[n]) for n in selected)
+    pass_ = _Pass(base, selected, by_name, raw_names, acc, objective, power, forward, device, sharded)
 
     modes = {m: m.training for m in base.modules()}
     flags = {n: by_name[n].requires_grad for n in selected}
@@ -362,6 +382,9 @@ def _run(model, data, objective, power, max_samples, forward, params, verbose, d
             seen += pass_.batch(index, batch, None if max_samples is None else max_samples - seen)
             if max_samples is not None and seen >= max_samples:
                 break  # before fetching (loading) another batch
+    except Exception:
+        _agree(groups, 0, failed=True)  # the other ranks raise too instead of waiting in _agree forever
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -372,16 +395,73 @@ def _run(model, data, objective, power, max_samples, forward, params, verbose, d
             by_name[n].requires_grad_(flag)
         for m, mode in modes.items():
             m.training = mode
+    seen = _agree(groups, seen)
     if seen == 0:
         raise ValueError("data yielded no samples: the importance needs at least one batch with one sample")
-    return {n: acc[n].div_(seen) for n in selected}
+    return _reduce(acc, selected, by_name, seen, groups)
+
+
+def _agree(groups, seen: int, failed: bool = False) -> int:
+    """Total sample count over the data-parallel ranks; raises on every rank if one failed.
+
+    One all-reduce of ``[seen, failed]``. Without ``groups`` (no DDP/FSDP2): ``seen``.
+    """
+    if not groups:
+        return seen
+    status = torch.tensor([seen, int(failed)], dtype=torch.int64)
+    try:
+        status = all_reduce_sum(status.to(collective_device(groups[0])), groups).cpu()
+    except Exception:
+        if failed:
+            return 0  # already raising the original error
+        raise
+    if not failed and int(status[1]) > 0:
+        raise RuntimeError(f"the importance pass failed on {int(status[1])} other rank(s); see their error")
+    return int(status[0])
+
+
+def _reduce(acc, selected, by_name, seen, groups):
+    r"""``Σ_ranks acc / seen``; the local shard of it (a DTensor like the parameter) under FSDP2.
+
+    Each rank accumulated ``Σ_{n ∈ its samples} |g_n|^p`` for the *full* parameter (the
+    per-sample rules see the unsharded parameters' activations and output gradients).
+    The sum over ranks is an all-reduce of those full-size sums, after which an FSDP2 rank
+    keeps only its shard (all-reduce then slice: simple and works on every backend; a
+    reduce-scatter would move half the bytes but the full-size accumulators already exist
+    during the pass, so peak memory is the same). Each full accumulator is freed as soon
+    as its shard is taken.
+    """
+    out = {}
+    for n in selected:
+        total = all_reduce_sum(acc.pop(n), groups)
+        p = by_name[n]
+        if is_dtensor(p):
+            out[n] = as_dtensor_like(local_shard(total, p).clone().div_(seen), p)
+        else:
+            out[n] = total.div_(seen)
+        del total
+    return out
+
+
+def _fsdp_module_types() -> tuple:
+    """The FSDP2 module class (``FSDPModule``) of this torch, as a tuple (empty when absent)."""
+    for path in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp"):
+        try:
+            module = __import__(path, fromlist=["FSDPModule"])
+        except ImportError:
+            continue
+        cls = getattr(module, "FSDPModule", None)
+        if cls is not None:
+            return (cls,)
+    return ()
 
 
 class _Pass:
     """State of one importance pass: capture, accumulators, fallback bookkeeping."""
 
-    def __init__(self, model, selected, by_name, raw_names, acc, objective, power, forward, device):
+    def __init__(self, model, selected, by_name, raw_names, acc, objective, power, forward, device, sharded=False):
         self.model, self.selected, self.by_name = model, selected, by_name
+        self.sharded = sharded  # FSDP2: the tracked parameters are DTensors swapped for unsharded ones in forward
         self.acc, self.objective, self.power, self.device = acc, objective, power, device
         self.forward = forward or _default_forward
         self.default_batches = forward is None
@@ -409,6 +489,46 @@ class _Pass:
             if isinstance(m, _SEQ_FIRST_AWARE):
                 self.handles.append(m.register_forward_pre_hook(push))
                 self.handles.append(m.register_forward_hook(pop))
+        if self.sharded:
+            self._track_unsharded()
+
+    def _track_unsharded(self):
+        """FSDP2: also capture the unsharded parameters the forward actually uses.
+
+        ``fully_shard`` registers DTensor shards as the module parameters and, in the
+        pre-forward hook of each FSDP module, swaps in all-gathered unsharded
+        ``nn.Parameter`` s (via ``setattr`` on the owning modules), which the ops then
+        receive. The capture is keyed by ``id(tensor)``, so forward pre-hooks (which run
+        after FSDP's, as FSDP prepends its own) add ``id(current parameter) → name`` for
+        the parameters of the module being called, and of the whole subtree for an FSDP
+        module (whose group was just unsharded). FSDP keeps one unsharded parameter object
+        per parameter, so the map stays small. Memory: that of ordinary FSDP2 forward and
+        backward passes (parameters are unsharded group by group, as in training), plus
+        the full-size accumulators (see ``_reduce``).
+        """
+        tracked = self.capture.tracked
+        fsdp_types = _fsdp_module_types()
+        direct = {}
+        for m in self.model.modules():
+            entries = [(m, pname, tracked[id(p)]) for pname, p in m._parameters.items()
+                       if p is not None and id(p) in tracked]
+            if entries:
+                direct[m] = entries
+        for m in self.model.modules():
+            if fsdp_types and isinstance(m, fsdp_types):
+                entries = [e for sub in m.modules() for e in direct.get(sub, ())]
+            else:
+                entries = direct.get(m, [])
+            if not entries:
+                continue
+
+            def refresh(module, args, entries=entries):
+                for owner, pname, name in entries:
+                    current = owner._parameters.get(pname)
+                    if current is not None:
+                        tracked[id(current)] = name
+
+            self.handles.append(m.register_forward_pre_hook(refresh))
 
     def uninstall(self):
         for h in self.handles:
@@ -441,6 +561,12 @@ class _Pass:
             if size == 0:
                 return 0
             fallback = self._plan(size)
+            if fallback and self.sharded:
+                why = "; ".join(f"{n} ({capture.unhandled[n]})" for n in fallback)
+                raise NotImplementedError(
+                    "fastcl.importance: under FSDP2 (fully_shard) every parameter needs a per-sample rule; the exact "
+                    f"fallback does not support sharded parameters. No rule for: {why}"
+                )
             reasons = {n: capture.unhandled[n] for n in fallback}
             self._rules(losses, size)
             del outputs, losses
