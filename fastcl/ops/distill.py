@@ -35,9 +35,13 @@ __all__ = ["distillation_loss", "fused_linear_distillation", "distill_reference"
 REDUCTIONS = ("batchmean", "sum", "none")
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def distill_reference(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None):
     """Plain-PyTorch reference: ``(T²·KL(p_t‖p_s) per row, T·(p_s − p_t))``."""
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(student.dtype)
     s = student.to(acc) / temperature
     t = teacher.to(acc) / temperature
     log_ps = torch.log_softmax(s, dim=-1)
@@ -114,10 +118,10 @@ class _Distill(torch.autograd.Function):
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
-            scale = grad_output.reshape(-1, 1).to(torch.float32)
+            scale = grad_output.reshape(-1, 1).to(_acc_dtype(grad.dtype))
         else:
-            scale = grad_output.to(torch.float32) * ctx.factor
-        out = (grad.to(torch.float32) * scale).to(grad.dtype) if grad.dtype != torch.float64 else grad * scale.to(grad.dtype)
+            scale = grad_output.to(_acc_dtype(grad.dtype)) * ctx.factor
+        out = (grad.to(scale.dtype) * scale).to(grad.dtype)
         return out, None, None, None, None, None
 
 
@@ -162,9 +166,10 @@ class _FusedLinearDistill(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, temperature, mask, chunk_size, reduction):
         R, H = hidden.shape
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if (bias is not None and ctx.needs_input_grad[2]) else None
-        row_loss = torch.empty(R, dtype=torch.float32 if hidden.dtype != torch.float64 else torch.float64, device=hidden.device)
+        acc = _acc_dtype(hidden.dtype)
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (bias is not None and ctx.needs_input_grad[2]) else None
+        row_loss = torch.empty(R, dtype=acc, device=hidden.device)
         for start in range(0, R, chunk_size):
             rows = slice(start, min(R, start + chunk_size))
             h = hidden[rows]
@@ -179,9 +184,9 @@ class _FusedLinearDistill(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_s @ weight
             if grad_weight is not None:
-                grad_weight.addmm_(grad_s.t().to(torch.float32), h.to(torch.float32))
+                grad_weight.addmm_(grad_s.t().to(acc), h.to(acc))
             if grad_bias is not None:
-                grad_bias += grad_s.to(torch.float32).sum(0)
+                grad_bias += grad_s.to(acc).sum(0)
         value, factor = _reduce(row_loss, mask, reduction, (R,))
         ctx.factor, ctx.reduction = factor, reduction
         ctx.save_for_backward(
@@ -197,9 +202,9 @@ class _FusedLinearDistill(torch.autograd.Function):
         gh, gw, gb = ctx.saved_tensors
         if ctx.reduction == "none":
             raise RuntimeError("fused_linear_distillation supports reduction='batchmean' or 'sum' only")
-        scale = grad_output.to(torch.float32) * ctx.factor
         hd, wd, bd = ctx.dtypes
-        out_h = (gh.to(torch.float32) * scale).to(hd) if gh.numel() else None
+        scale = grad_output.to(_acc_dtype(hd)) * ctx.factor
+        out_h = (gh.to(scale.dtype) * scale).to(hd) if gh.numel() else None
         out_w = (gw * scale).to(wd) if gw.numel() else None
         out_b = (gb * scale).to(bd) if gb.numel() else None
         return out_h, out_w, out_b, None, None, None, None, None, None, None, None

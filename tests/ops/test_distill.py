@@ -83,9 +83,9 @@ def test_fused_linear_matches_unfused(teacher, chunk):
     h2, W2, b2 = (v.detach().clone().requires_grad_() for v in (h, W, b))
     ref = oracle(h2 @ W2.t() + b2, t_logits, 2.0, mask)
     ref.backward()
-    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-14)
     for got, exp in ((h.grad, h2.grad), (W.grad, W2.grad), (b.grad, b2.grad)):
-        torch.testing.assert_close(got, exp)
+        torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-13)  # float64 end to end
 
 
 @pytest.mark.parametrize(
