@@ -54,7 +54,9 @@ class SI(ImportanceRegularizer):
         self._track_trainable()
         self._handles: list = []
         self._pending = None
-        self._penalty_grad_scale = 0.0
+        self._scaler = None
+        self._penalty_grad_autograd = 0.0  # Σ grad_output reaching penalty() outputs (loss-scaled under AMP)
+        self._penalty_grad_direct = 0.0  # Σ coefficients added by add_penalty_grad_() (unscaled)
 
     def _track_trainable(self) -> None:
         for name, p in self._trainable().items():
@@ -64,10 +66,20 @@ class SI(ImportanceRegularizer):
                 self._start[name] = p.detach().to(acc).clone()
 
     # ---------------------------------------------------------------- optimizer hooks
-    def attach(self, optimizer: torch.optim.Optimizer) -> "SI":
-        """Accumulate the path integral on every ``optimizer.step()`` (step pre/post hooks)."""
+    def attach(self, optimizer: torch.optim.Optimizer, scaler=None) -> "SI":
+        """Accumulate the path integral on every ``optimizer.step()`` (step pre/post hooks).
+
+        With fp16 mixed precision pass the ``torch.amp.GradScaler``: the gradient that
+        reaches :meth:`penalty` through ``scaler.scale(loss).backward()`` is multiplied by
+        the loss scale, and SI divides it back out (``scaler.step`` unscales the parameter
+        gradients before the optimizer step). Call :meth:`add_penalty_grad_` only after
+        ``scaler.unscale_(optimizer)``.
+        """
         if not hasattr(optimizer, "register_step_pre_hook"):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer with step hooks, got {type(optimizer).__name__}")
+        if scaler is not None and not hasattr(scaler, "get_scale"):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self._scaler = scaler
         self._track_trainable()
         self._handles.append(optimizer.register_step_pre_hook(self._before_step))
         self._handles.append(optimizer.register_step_post_hook(self._after_step))
@@ -86,16 +98,24 @@ class SI(ImportanceRegularizer):
         return value
 
     def _record_penalty_grad(self, grad: torch.Tensor) -> None:
-        self._penalty_grad_scale += float(grad)
+        self._penalty_grad_autograd += float(grad)
 
     def _after_grad_added(self, grad_scale: float) -> None:
-        self._penalty_grad_scale += grad_scale
+        self._penalty_grad_direct += grad_scale
+
+    def _penalty_coefficient(self) -> float:
+        """How many times the penalty's gradient is in ``.grad`` at step time."""
+        autograd = self._penalty_grad_autograd
+        if autograd and self._scaler is not None and self._scaler.is_enabled():
+            autograd /= float(self._scaler.get_scale())
+        return autograd + self._penalty_grad_direct
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         params = named_parameters(self.model)
         names = [n for n in self._omega if n in params and params[n].grad is not None]
         grads = {n: params[n].grad.detach().clone(memory_format=torch.contiguous_format) for n in names}
-        if self._penalty_grad_scale and self.consolidated:
+        coefficient = self._penalty_coefficient()
+        if coefficient and self.consolidated:
             covered = [n for n in names if n in self._anchors]
             if covered:
                 resolved_names, plist, alist, wlist = self._resolve()
@@ -104,10 +124,10 @@ class SI(ImportanceRegularizer):
                     [plist[index[n]] for n in covered],
                     [alist[index[n]] for n in covered],
                     [wlist[index[n]] for n in covered],
-                    scale=-self.strength * self._penalty_grad_scale,
+                    scale=-self.strength * coefficient,
                     grads=[grads[n] for n in covered],
                 )
-        self._penalty_grad_scale = 0.0
+        self._penalty_grad_autograd = self._penalty_grad_direct = 0.0
         self._pending = [(n, params[n], params[n].detach().clone(), grads[n]) for n in names]
 
     def _after_step(self, optimizer, args, kwargs) -> None:

@@ -126,3 +126,30 @@ def test_lwf_state_round_trip_and_bad_temperature():
     torch.testing.assert_close(other.teacher_logits(x), lwf.teacher_logits(x))
     with pytest.raises(ValueError):
         fastcl.LwF(model, temperature=0.0)
+
+
+def test_si_with_grad_scaler_matches_unscaled_training():
+    torch.manual_seed(3)
+    data = [(torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))) for _ in range(2)]
+    results = []
+    for use_scaler in (False, True):
+        model = make_mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=10**6) if use_scaler else None
+        si = fastcl.SI(model, strength=5.0).attach(opt, scaler=scaler)
+        for task in range(2):
+            x, y = data[task]
+            for _ in range(4):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y) + si.penalty()
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+            si.consolidate()
+        results.append(si.importance)
+    for n in results[0]:
+        torch.testing.assert_close(results[1][n], results[0][n], rtol=1e-9, atol=1e-12)
