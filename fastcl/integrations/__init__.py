@@ -1,0 +1,11 @@
+"""Integrations with other libraries, each in its own module and imported on demand.
+
+* :mod:`fastcl.integrations.hf` — Hugging Face ``transformers``: a ``Trainer`` that adds
+  any fastcl regularizer (and LwF for causal LMs) to the loss, the per-sequence Fisher of
+  a causal LM, and fused LwF on hidden states. Needs ``pip install "fastcl[hf]"``.
+
+This package imports nothing itself, so ``import fastcl.integrations`` stays cheap and
+works without the optional dependencies.
+"""
+
+__all__: list[str] = []

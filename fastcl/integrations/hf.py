@@ -1,0 +1,570 @@
+r"""Continual learning inside Hugging Face ``transformers``.
+
+Three pieces, usable together or alone:
+
+* :class:`ContinualTrainer` (a ``transformers.Trainer``) and :class:`ContinualTrainerMixin`
+  (for other ``Trainer`` subclasses, e.g. TRL's) add to the training loss::
+
+      loss = task_loss + Σ_r penalty_r(θ) + lwf_penalty(batch)
+
+  with any fastcl regularizer (EWC, online EWC, SI, MAS, L2-SP, L1-SP) and/or a
+  :class:`CausalLMLwF`. Gradient accumulation: every penalty enters each optimizer step's
+  gradient with total weight exactly 1. Each micro-batch adds ``penalty / k`` (``k``
+  micro-batches in the step) in the units the ``Trainer`` uses for the task loss, i.e.
+  ``penalty / k`` when the task loss is already normalised over the whole accumulated
+  batch (``num_items_in_batch``), ``penalty`` when ``Trainer.training_step`` divides the
+  loss by ``k`` itself. A weight penalty is constant within a step (θ does not change),
+  so its contribution is exactly the penalty; the LwF term contributes the mean of the
+  micro-batches' per-token means. Mixed precision: penalties are computed with autocast
+  off, in float32 (float64 for float64 models). Evaluation losses stay the task loss.
+
+* :func:`causal_lm_forward` and :func:`causal_lm_per_sequence_loss` make
+  ``EWC.consolidate(dataloader, forward=causal_lm_forward, loss_fn=causal_lm_per_sequence_loss)``
+  compute the exact per-sequence diagonal Fisher ``F = (1/N) Σ_n (∂ℓ_n/∂θ)²`` with
+  ``ℓ_n`` the mean next-token NLL of sequence ``n`` over its unmasked tokens.
+
+* :class:`CausalLMLwF`: Learning without Forgetting for causal LMs. The distillation runs
+  through :func:`fastcl.fused_linear_distillation` on the final hidden states and the LM
+  head, so neither the student's second use of the logits nor the teacher's logits are
+  ever materialised as a ``[tokens, vocab]`` tensor. The teacher is a frozen copy of the
+  model, or, for PEFT/LoRA models, the same model with its adapters disabled (no second
+  copy of the base weights).
+
+Limits: the LM head must be a plain ``nn.Linear`` with ``logits = head(last_hidden_state)``
+(no softcapping / logit scaling, no LoRA on the head), and reading the head weight
+outside the forward pass rules out FSDP / ZeRO-3 sharded heads for :class:`CausalLMLwF`.
+Under DDP each rank consolidates EWC/MAS on its own shard of the data; the all-reduced
+penalty gradient is then that of the mean of the per-rank Fishers.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    from transformers import Trainer
+except ImportError as error:  # pragma: no cover - exercised only without transformers
+    raise ImportError(
+        "fastcl.integrations.hf needs the transformers package: pip install 'fastcl[hf]'"
+    ) from error
+
+from .._names import unwrap_model
+from ..ops import fused_linear_distillation
+from ..strategies import EWC, MAS, LwF
+from ..strategies.base import check_strength
+
+__all__ = [
+    "IGNORE_INDEX",
+    "CausalLMLwF",
+    "ContinualTrainer",
+    "ContinualTrainerMixin",
+    "causal_lm_forward",
+    "causal_lm_per_sequence_loss",
+    "causal_lm_targets",
+]
+
+IGNORE_INDEX = -100
+"""Label value that marks a token as no target (the ``transformers`` convention)."""
+
+_NOT_MODEL_INPUTS = ("labels", "shift_labels", "num_items_in_batch")
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _penalty_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _no_autocast(device: torch.device):
+    """Autocast switched off on ``device`` (penalties run in their own precision)."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast support
+        return contextlib.nullcontext()
+
+
+def _as_batch(batch) -> Mapping:
+    if isinstance(batch, torch.Tensor):
+        return {"input_ids": batch}
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"batch must be a dict with input_ids (and optionally attention_mask, labels) or an input_ids tensor, "
+            f"got {type(batch).__name__}"
+        )
+    if "input_ids" not in batch and "inputs_embeds" not in batch:
+        raise ValueError(f"batch must contain input_ids (or inputs_embeds); it has {sorted(batch)}")
+    return batch
+
+
+def _model_inputs(batch: Mapping, device: torch.device | None = None) -> dict:
+    """The batch without label entries, tensors moved to ``device``."""
+    out = {}
+    for key, value in batch.items():
+        if key in _NOT_MODEL_INPUTS:
+            continue
+        out[key] = value.to(device, non_blocking=True) if (device is not None and isinstance(value, torch.Tensor)) else value
+    return out
+
+
+# --------------------------------------------------------------------------- per-sequence Fisher
+
+
+def causal_lm_targets(batch) -> torch.Tensor:
+    """Next-token targets ``[B, S]`` (unshifted) with ``IGNORE_INDEX`` where no loss is taken.
+
+    ``batch["labels"]`` when present, else ``batch["input_ids"]``; positions whose
+    ``attention_mask`` is 0 (padding) are set to ``IGNORE_INDEX`` either way.
+    """
+    batch = _as_batch(batch)
+    labels = batch.get("labels")
+    if labels is None:
+        if "input_ids" not in batch:
+            raise ValueError("a batch with inputs_embeds needs labels")
+        labels = batch["input_ids"]
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be a [batch, sequence] tensor, got {got}")
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        if tuple(mask.shape) != tuple(labels.shape):
+            raise ValueError(f"attention_mask {tuple(mask.shape)} and labels {tuple(labels.shape)} differ in shape")
+        labels = labels.masked_fill(mask.to(labels.device) == 0, IGNORE_INDEX)
+    return labels
+
+
+def causal_lm_forward(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``forward`` for :func:`fastcl.diagonal_fisher` / ``EWC.consolidate`` on a causal LM.
+
+    ``batch``: a dict as a ``transformers`` data collator makes it (``input_ids``,
+    optional ``attention_mask``, ``labels``...) or an ``input_ids`` tensor. Tensors are
+    moved to the model's device; every entry except the labels is passed to the model.
+
+    Returns ``(logits [B, S, V], targets [B, S])`` with targets from :func:`causal_lm_targets`.
+    """
+    batch = _as_batch(batch)
+    device = _model_device(model)
+    targets = causal_lm_targets(batch).to(device, non_blocking=True)
+    outputs = model(**_model_inputs(batch, device), use_cache=False)
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+    if logits.dim() != 3 or logits.shape[:2] != targets.shape:
+        raise ValueError(
+            f"the model returned logits of shape {tuple(logits.shape)} for targets {tuple(targets.shape)}; "
+            "expected [batch, sequence, vocab] (logits_to_keep must be 0)"
+        )
+    return logits, targets
+
+
+def causal_lm_per_sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    r"""Per-sequence mean next-token NLL, ``[B]``: the loss whose gradients the Fisher squares.
+
+    ``ℓ_n = (1/|T_n|) Σ_{t ∈ T_n} −log softmax(logits[n, t])[targets[n, t+1]]`` with
+    ``T_n = {t < S−1 : targets[n, t+1] ≠ IGNORE_INDEX}``; a sequence with no target gets
+    ``ℓ_n = 0`` (no gradient; it still counts as a sample). Computed in float32 (float64
+    for float64 logits). Note this materialises ``[B·S, V]`` float32 log-probabilities, so
+    pick the Fisher batch size accordingly.
+    """
+    if logits.dim() != 3 or targets.dim() != 2 or logits.shape[:2] != targets.shape:
+        raise ValueError(f"expected logits [B, S, V] and targets [B, S], got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    B, S, V = logits.shape
+    acc = _penalty_dtype(logits.dtype)
+    if S < 2:
+        return logits.sum(dim=(1, 2)).to(acc) * 0.0
+    shifted = targets[:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1, :].reshape(-1, V).to(acc), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(B, S - 1)
+    count = (shifted != IGNORE_INDEX).sum(1).clamp(min=1).to(acc)
+    return nll.sum(1) / count
+
+
+def _causal_lm_mas_forward(model, batch):
+    """MAS on a causal LM: the logits of the unpadded positions (padding rows zeroed)."""
+    logits, targets = causal_lm_forward(model, batch)
+    mask = _as_batch(batch).get("attention_mask")
+    if mask is not None:
+        logits = logits * mask.to(device=logits.device, dtype=logits.dtype).unsqueeze(-1)
+    return logits, None
+
+
+# --------------------------------------------------------------------------- LwF for causal LMs
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The ``transformers`` model under DDP / compile / PEFT wrappers."""
+    model = unwrap_model(model)
+    get_base = getattr(model, "get_base_model", None)  # peft.PeftModel
+    if callable(get_base):
+        model = get_base()
+    return model
+
+
+def _decoder_of(model: nn.Module) -> nn.Module:
+    """The module whose ``last_hidden_state`` feeds the LM head (``LlamaForCausalLM.model``...)."""
+    hf = _hf_model(model)
+    decoder = hf.get_decoder() if callable(getattr(hf, "get_decoder", None)) else None
+    if not isinstance(decoder, nn.Module) or decoder is hf:
+        prefix = getattr(hf, "base_model_prefix", None)
+        decoder = getattr(hf, prefix, None) if prefix else None
+    if not isinstance(decoder, nn.Module) or decoder is hf:
+        raise TypeError(
+            f"cannot find the decoder of {type(hf).__name__} (the module whose last_hidden_state feeds the LM head); "
+            "CausalLMLwF supports transformers *ForCausalLM models"
+        )
+    return decoder
+
+
+def _head_of(model: nn.Module) -> nn.Linear:
+    hf = _hf_model(model)
+    head = hf.get_output_embeddings() if callable(getattr(hf, "get_output_embeddings", None)) else None
+    if not isinstance(head, nn.Linear):
+        raise TypeError(
+            f"CausalLMLwF needs the LM head of {type(hf).__name__} to be a torch.nn.Linear, got "
+            f"{type(head).__name__} (LoRA or modules_to_save on the LM head are not supported)"
+        )
+    return head
+
+
+def _check_plain_head(model: nn.Module) -> None:
+    config = getattr(_hf_model(model), "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    if softcap is not None or (scale is not None and scale != 1.0):
+        raise ValueError(
+            f"{type(_hf_model(model)).__name__} transforms its logits after the LM head (softcapping or logit_scale), "
+            "so logits ≠ head(hidden); CausalLMLwF's fused path would distill the wrong distribution"
+        )
+
+
+@contextlib.contextmanager
+def _modes(model: nn.Module, training: bool):
+    saved = {m: m.training for m in model.modules()}
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in saved.items():
+            m.training = mode
+
+
+class _Captured:
+    hidden: torch.Tensor | None = None
+
+
+class CausalLMLwF:
+    r"""Learning without Forgetting for causal LMs, on hidden states and the LM head (fused).
+
+    With student hidden states ``h`` and head ``(W, b)``, teacher hidden states ``h'`` and
+    head ``(W', b')``, and the unpadded token positions ``M`` (``attention_mask == 1``)::
+
+        penalty = λ · T² · (1/|M|) Σ_{i ∈ M} KL( softmax((h'_i W'ᵀ + b')/T) ‖ softmax((h_i Wᵀ + b)/T) )
+
+    evaluated by :func:`fastcl.fused_linear_distillation` in row chunks, so no
+    ``[tokens, vocab]`` logits are stored for it.
+
+    Args:
+        model: a ``transformers`` ``*ForCausalLM`` (optionally PEFT-wrapped) whose logits
+            are ``lm_head(last_hidden_state)``.
+        strength: λ ≥ 0.
+        temperature: T > 0.
+        teacher: ``"copy"`` — :meth:`consolidate` stores a frozen deep copy of the model;
+            ``"disable_adapter"`` — the teacher is the same PEFT model run inside
+            ``model.disable_adapter()`` (the base weights, no second copy).
+        chunk_size: rows per chunk of the fused op (default: the op's ~256 MiB budget).
+
+    With :class:`ContinualTrainer` pass it as ``lwf=``. By hand::
+
+        lwf = CausalLMLwF(model, strength=1.0); lwf.consolidate()      # after task A
+        with lwf.capture_student() as cap:
+            out = model(**batch)
+        loss = out.loss + lwf.penalty(batch, cap.hidden)
+    """
+
+    TEACHERS = ("copy", "disable_adapter")
+
+    def __init__(self, model: nn.Module, strength: float = 1.0, temperature: float = 2.0, *, teacher: str = "copy", chunk_size: int | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if teacher not in self.TEACHERS:
+            raise ValueError(f"teacher must be one of {self.TEACHERS}, got {teacher!r}")
+        if teacher == "disable_adapter" and not callable(getattr(unwrap_model(model), "disable_adapter", None)):
+            raise TypeError(f'teacher="disable_adapter" needs a PEFT model with disable_adapter(), got {type(unwrap_model(model)).__name__}')
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        _check_plain_head(model)
+        _head_of(model)
+        _decoder_of(model)
+        self.model = model
+        self.strength = check_strength(strength)
+        self.temperature = float(temperature)
+        self.teacher_mode = teacher
+        self.chunk_size = chunk_size
+        self.teacher: nn.Module | None = None
+        self.num_consolidations = 0
+
+    @property
+    def consolidated(self) -> bool:
+        return self.num_consolidations > 0
+
+    @property
+    def active(self) -> bool:
+        """True when :meth:`penalty` can be non-zero (consolidated and λ > 0)."""
+        return self.consolidated and self.strength > 0.0
+
+    def consolidate(self, data=None) -> None:
+        """End of a task: the current model becomes the teacher. ``data`` is ignored.
+
+        ``"copy"``: a frozen deep copy (eval mode, no gradients). ``"disable_adapter"``:
+        nothing is stored; the teacher is the base model under the adapters.
+        """
+        if self.teacher_mode == "copy":
+            teacher = copy.deepcopy(unwrap_model(self.model))
+            teacher.eval()
+            teacher.requires_grad_(False)
+            self.teacher = teacher
+        self.num_consolidations += 1
+
+    @torch.no_grad()
+    def teacher_outputs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(hidden [B, S, H], head weight [V, H], head bias or None)`` of the teacher, in eval mode."""
+        if not self.consolidated:
+            raise RuntimeError("CausalLMLwF has no teacher yet: call consolidate() after the first task")
+        batch = _as_batch(batch)
+        device = _model_device(self.model)
+        inputs = _model_inputs(batch, device)
+        if self.teacher_mode == "copy":
+            if _model_device(self.teacher) != device:
+                self.teacher.to(device)
+            hidden = self._hidden(self.teacher, inputs)
+            head = _head_of(self.teacher)
+        else:
+            model = unwrap_model(self.model)
+            with _modes(model, False), model.disable_adapter():
+                hidden = self._hidden(model, inputs)
+            head = _head_of(model)
+        return hidden, head.weight.detach(), None if head.bias is None else head.bias.detach()
+
+    @staticmethod
+    def _hidden(model: nn.Module, inputs: dict) -> torch.Tensor:
+        out = _decoder_of(model)(**inputs, use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    @contextlib.contextmanager
+    def capture_student(self):
+        """Within the block, the input of the student's LM head (its final hidden states) is kept.
+
+        Yields an object whose ``.hidden`` is that tensor after the model's forward pass.
+        """
+        captured = _Captured()
+
+        def hook(module, args, output):
+            captured.hidden = args[0]
+
+        handle = _head_of(self.model).register_forward_hook(hook)
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    def penalty(self, batch, student_hidden: torch.Tensor, teacher: tuple | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``λ · T² · mean over unpadded tokens of KL(teacher ‖ student)``; 0 before consolidation.
+
+        Args:
+            batch: the model inputs (dict with ``input_ids``, ``attention_mask``...).
+            student_hidden: ``[B, S, H]`` final hidden states of the student (as fed to its head,
+                e.g. from :meth:`capture_student`); the gradient flows into them and the head.
+            teacher: ``teacher_outputs(batch)`` if already computed.
+            mask: ``[B, S]`` bool, tokens that count; default ``batch["attention_mask"] != 0``
+                (all tokens without an attention mask).
+        """
+        device = student_hidden.device
+        if not self.active:
+            return torch.zeros((), dtype=_penalty_dtype(student_hidden.dtype), device=device)
+        batch = _as_batch(batch)
+        t_hidden, t_weight, t_bias = self.teacher_outputs(batch) if teacher is None else teacher
+        if t_hidden.shape[:-1] != student_hidden.shape[:-1]:
+            raise ValueError(
+                f"student hidden states {tuple(student_hidden.shape)} and teacher hidden states {tuple(t_hidden.shape)} "
+                "cover different tokens (was the model called with logits_to_keep?)"
+            )
+        if mask is None and batch.get("attention_mask") is not None:
+            mask = batch["attention_mask"] != 0
+        if mask is not None:
+            mask = mask.to(device=device, dtype=torch.bool)
+        head = _head_of(self.model)
+        with _no_autocast(device):
+            value = fused_linear_distillation(
+                student_hidden,
+                head.weight,
+                teacher_hidden=t_hidden.to(device),
+                teacher_weight=t_weight.to(device),
+                student_bias=head.bias,
+                teacher_bias=None if t_bias is None else t_bias.to(device),
+                temperature=self.temperature,
+                reduction="batchmean",
+                mask=mask,
+                chunk_size=self.chunk_size,
+            )
+        return self.strength * value.to(_penalty_dtype(value.dtype))
+
+    def __repr__(self) -> str:
+        return (
+            f"CausalLMLwF(strength={self.strength}, temperature={self.temperature}, teacher={self.teacher_mode!r}, "
+            f"consolidated={self.consolidated})"
+        )
+
+
+# --------------------------------------------------------------------------- Trainer
+
+
+def _as_regularizers(regularizer) -> list:
+    if regularizer is None:
+        return []
+    items = list(regularizer) if isinstance(regularizer, (list, tuple)) else [regularizer]
+    for item in items:
+        if not callable(getattr(item, "penalty", None)) or isinstance(item, (LwF, CausalLMLwF)):
+            raise TypeError(
+                "regularizer must be a fastcl weight regularizer (EWC, SI, MAS, L2SP, L1SP) or a list of them, got "
+                f"{type(item).__name__}" + ("; pass distillation as lwf=CausalLMLwF(...)" if isinstance(item, (LwF, CausalLMLwF)) else "")
+            )
+    return items
+
+
+class ContinualTrainerMixin:
+    """Adds fastcl penalties to ``compute_loss`` of any ``transformers.Trainer`` subclass.
+
+    ``class MyTrainer(ContinualTrainerMixin, SomeTrainer): ...`` — the mixin must come
+    first. Keyword arguments ``regularizer`` (one fastcl regularizer or a list) and ``lwf``
+    (a :class:`CausalLMLwF`) are taken; everything else goes to the ``Trainer``.
+    An :class:`~fastcl.SI` regularizer is attached to the optimizer the trainer creates.
+    Logged training metrics gain ``cl_penalty`` (mean total penalty per micro-batch).
+    """
+
+    def __init__(self, *args, regularizer=None, lwf: CausalLMLwF | None = None, **kwargs):
+        self.regularizers = _as_regularizers(regularizer)
+        if lwf is not None and not isinstance(lwf, CausalLMLwF):
+            raise TypeError(f"lwf must be a fastcl.integrations.hf.CausalLMLwF, got {type(lwf).__name__}")
+        self.lwf = lwf
+        self._attached: set[int] = set()
+        self._penalty_sum: torch.Tensor | float = 0.0
+        self._penalty_count = 0
+        super().__init__(*args, **kwargs)
+
+    # -------------------------------------------------------------- optimizer
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        for reg in self.regularizers:
+            attach = getattr(reg, "attach", None)  # SI tracks the path integral through optimizer hooks
+            if callable(attach) and id(optimizer) not in self._attached:
+                attach(optimizer)
+        self._attached.add(id(optimizer))
+        return optimizer
+
+    # -------------------------------------------------------------- loss
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """Whether ``Trainer.training_step`` uses our loss as is (True) or divides it by the accumulation steps."""
+        flag = getattr(self, "loss_is_scaled_for_ga", None)
+        if flag is not None:
+            return bool(flag)
+        accepts = bool(getattr(self, "model_accepts_loss_kwargs", False))
+        return (accepts and num_items_in_batch is not None) or getattr(self, "compute_loss_func", None) is not None
+
+    def _penalty_scale(self, num_items_in_batch) -> float:
+        """Coefficient of a micro-batch's penalty so that each optimizer step gets the penalty once."""
+        if not self._loss_is_scaled_for_ga(num_items_in_batch):
+            return 1.0
+        steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        return 1.0 / max(int(steps), 1)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        training = model.training
+        use_lwf = training and self.lwf is not None and self.lwf.active
+        teacher = self.lwf.teacher_outputs(inputs) if use_lwf else None  # before the student: the teacher may be the same model
+        if num_items_in_batch is not None:
+            kwargs["num_items_in_batch"] = num_items_in_batch
+        capture = self.lwf.capture_student() if use_lwf else contextlib.nullcontext()
+        lwf_inputs = dict(inputs) if use_lwf else None  # the Trainer may pop labels from inputs
+        with capture as captured:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        if not training or not (self.regularizers or use_lwf):
+            return (loss, outputs) if return_outputs else loss
+
+        dtype = torch.promote_types(loss.dtype, torch.float32)
+        penalty = torch.zeros((), dtype=dtype, device=loss.device)
+        with _no_autocast(loss.device):
+            for reg in self.regularizers:
+                penalty = penalty + reg.penalty().to(device=loss.device, dtype=dtype)
+            if use_lwf:
+                if captured.hidden is None:
+                    raise RuntimeError("CausalLMLwF: the model's forward pass never called its LM head")
+                penalty = penalty + self.lwf.penalty(lwf_inputs, captured.hidden, teacher=teacher).to(device=loss.device, dtype=dtype)
+        self._penalty_sum = self._penalty_sum + penalty.detach()  # read at logging time: no sync per step
+        self._penalty_count += 1
+        loss = loss.to(dtype) + self._penalty_scale(num_items_in_batch) * penalty
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        if self._penalty_count and "loss" in logs:
+            logs = {**logs, "cl_penalty": float(self._penalty_sum) / self._penalty_count}
+            self._penalty_sum, self._penalty_count = 0.0, 0
+        return super().log(logs, *args, **kwargs)
+
+    # -------------------------------------------------------------- end of a task
+    def consolidate(self, dataset=None, max_samples: int | None = None, verbose: bool | None = None) -> None:
+        """End of a task: consolidate every regularizer and the LwF teacher.
+
+        EWC uses the per-sequence Fisher (:func:`causal_lm_forward`,
+        :func:`causal_lm_per_sequence_loss`) and MAS the logits of the unpadded positions,
+        over ``dataset`` (default: the training set) batched by :meth:`get_eval_dataloader`
+        (eval batch size, the trainer's collator, no shuffling). SI, L2-SP and L1-SP need no data.
+        """
+        loader = None
+        if any(isinstance(reg, (EWC, MAS)) for reg in self.regularizers):
+            data = dataset if dataset is not None else self.train_dataset
+            if data is None:
+                raise ValueError("consolidate needs a dataset: pass one or give the trainer a train_dataset")
+            loader = self.get_eval_dataloader(data)
+        for reg in self.regularizers:
+            if isinstance(reg, EWC):
+                if reg.fisher_kind != "empirical":
+                    raise ValueError(f'causal-LM consolidation supports EWC(fisher="empirical") only, got {reg.fisher_kind!r}')
+                reg.consolidate(loader, loss_fn=causal_lm_per_sequence_loss, max_samples=max_samples, forward=causal_lm_forward, verbose=verbose)
+            elif isinstance(reg, MAS):
+                reg.consolidate(loader, max_samples=max_samples, forward=_causal_lm_mas_forward, verbose=verbose)
+            else:
+                reg.consolidate()
+        if self.lwf is not None:
+            self.lwf.consolidate()
+
+
+class ContinualTrainer(ContinualTrainerMixin, Trainer):
+    """``transformers.Trainer`` whose training loss includes fastcl penalties.
+
+    Usage::
+
+        ewc = fastcl.EWC(model, strength=1e3)
+        lwf = CausalLMLwF(model, strength=1.0, temperature=2.0)
+        trainer = ContinualTrainer(model=model, args=args, train_dataset=task_a, regularizer=ewc, lwf=lwf)
+        trainer.train()
+        trainer.consolidate()                              # Fisher on task A + teacher snapshot
+        ContinualTrainer(model=model, args=args, train_dataset=task_b, regularizer=ewc, lwf=lwf).train()
+
+    (A fresh trainer per task gets a fresh optimizer and learning-rate schedule.)
+
+    See :class:`ContinualTrainerMixin` and the module docstring for gradient accumulation
+    and mixed precision.
+    """
