@@ -96,3 +96,18 @@ def test_ewc_on_wrapped_model_uses_plain_names():
     ewc = fastcl.EWC(wrapper, 1.0)
     ewc.consolidate(batches(3), verbose=False)
     assert sorted(ewc.fisher) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_ewc_on_torch_compile_wrapper_matches_plain_model():
+    model = make_mlp()
+    compiled = torch.compile(model, backend="eager")
+    data = batches(4)
+    plain = fastcl.EWC(model, 2.0)
+    wrapped = fastcl.EWC(compiled, 2.0)
+    plain.consolidate(data, verbose=False)
+    wrapped.consolidate(data, verbose=False)
+    assert sorted(wrapped.fisher) == sorted(n for n, _ in model.named_parameters())
+    perturb_(model, seed=8)
+    assert wrapped.penalty().item() == pytest.approx(plain.penalty().item(), rel=1e-12)
+    state = wrapped.state_dict()
+    fastcl.EWC(model, 1.0).load_state_dict(state)  # names interchangeable with the plain model
