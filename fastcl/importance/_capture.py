@@ -4,7 +4,9 @@ A :class:`~torch.overrides.TorchFunctionMode` sees each torch function call. A c
 receives a tracked parameter is either
 
 * a *recognised* op (linear, conv1d/2d/3d, embedding, layer_norm, rms_norm, group_norm,
-  batch_norm, and the projections inside ``multi_head_attention_forward``): an
+  batch_norm, the projections inside ``multi_head_attention_forward``, and an elementwise
+  ``w * x`` / ``x + w`` / ``x - w`` whose parameter broadcasts along leading dims only, see
+  :func:`_elementwise_handler`): an
   :class:`Event` keeps its input and a tensor hook on its output receives the output
   gradient during the backward pass (the gradient *before* any later in-place change of
   the output, as PyTorch documents for tensor hooks), or
@@ -22,6 +24,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["Capture", "Event"]
@@ -37,7 +40,7 @@ _get_gradient_edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
 class Event:
     """One recognised call of an op on tracked parameters."""
 
-    __slots__ = ("op", "x", "meta", "slots", "n_lead", "mha_bsz", "seq_first", "layout", "active", "edge")
+    __slots__ = ("op", "x", "meta", "slots", "n_lead", "mha_bsz", "seq_first", "layout", "active", "edge", "out_numel")
 
     def __init__(self, op, x, meta, slots, n_lead, mha_bsz, seq_first):
         self.op = op  # rule name (see rules._RULES)
@@ -49,7 +52,8 @@ class Event:
         self.seq_first = seq_first  # inside a module with batch_first=False
         self.layout = None  # set by resolve_layout
         self.active = ()  # slots whose parameter is computed by the rule this batch
-        self.edge = None  # gradient edge of the op's output, the target of the rules' backward
+        self.edge = None  # gradient edge of the op's output, a possible target of the rules' backward
+        self.out_numel = 0  # size of the op's output (and of its gradient)
 
 
 def _arg(args, kwargs, i, name, default=None):
@@ -149,6 +153,84 @@ if _RMS_NORM is not None:
     _HANDLERS[_RMS_NORM] = _rms_norm_handler
 
 
+def _elementwise_funcs() -> dict:
+    """``{func: "mul" | "add" | "sub"}`` for the out-of-place spellings this torch dispatches.
+
+    ``w * x`` reaches the mode as ``TensorBase.mul`` on recent torch; the operator methods
+    are listed too for versions that dispatch them as themselves. ``__radd__`` / ``__rmul__``
+    compute ``other ∘ self``, equal to ``self ∘ other`` for these two commutative ops. In-place
+    variants (``mul_``, ``+=``) and ``__rsub__`` are left out: they go to the fallback.
+    """
+    names = {
+        "mul": ("mul", "multiply", "__mul__", "__rmul__"),
+        "add": ("add", "__add__", "__radd__"),
+        "sub": ("sub", "subtract", "__sub__"),
+    }
+    owners = [torch, torch.Tensor] + [getattr(torch._C, n) for n in ("TensorBase", "_TensorBase") if hasattr(torch._C, n)]
+    table = {}
+    for kind, attrs in names.items():
+        for owner in owners:
+            for attr in attrs:
+                func = getattr(owner, attr, None)
+                if func is not None and func not in table:
+                    table[func] = kind
+    return table
+
+
+_ELEMENTWISE = _elementwise_funcs()
+
+
+def _elementwise_handler(kind, tracked, args, kwargs):
+    r"""``out = w * x`` (op ``"mul"``), ``out = x + α·w`` / ``w + α·x`` (op ``"add"``, with ``sub`` as ``α → −α``).
+
+    Recognised only when exactly one operand ``w`` is a tracked parameter, the other ``x``
+    is a tensor that is not an ``nn.Parameter``, and ``w`` broadcasts against ``x`` along
+    leading dims only: with ``s`` = ``w.shape`` without its leading size-1 dims,
+    ``x.shape[-len(s):] == s`` (``s`` empty for a scalar-like ``w``). Then ``out`` has
+    ``x``'s elements and the per-sample gradient of ``w`` is ``Σ g ⊙ x`` (mul) or
+    ``scale · Σ g`` (add/sub; ``scale`` is the factor ``w`` enters with) summed over the
+    ``len(x.shape) − len(s)`` leading dims of ``x`` except the sample one, which
+    :func:`resolve_layout` finds as for the other ops. For add/sub only ``x``'s shape is
+    kept (a stride-0 stand-in), not the activation itself.
+    """
+    if kwargs.get("out") is not None:
+        return f"{kind} with out= writes into an existing tensor"
+    if len(args) > 2 or set(kwargs) - {"input", "other", "alpha"}:
+        return f"{kind} called with arguments other than (input, other, alpha)"
+    alpha = kwargs.get("alpha", 1)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        return f"{kind} with an alpha that is not a Python number"
+    first, second = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other")
+    is_first = isinstance(first, torch.Tensor) and id(first) in tracked
+    is_second = isinstance(second, torch.Tensor) and id(second) in tracked
+    if is_first and is_second:
+        return f"{kind} of two tracked parameters"
+    if not (is_first or is_second):
+        return f"{kind} with the parameter in an unexpected argument"
+    w, x = (first, second) if is_first else (second, first)
+    if not isinstance(x, torch.Tensor):
+        return f"{kind} with a Python number (its result has no sample dimension)"
+    if isinstance(x, nn.Parameter):
+        return f"{kind} with another parameter (its result has no sample dimension)"
+    if w.is_complex() or x.is_complex():
+        return f"{kind} of complex tensors"
+    shape = tuple(w.shape)
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    k = len(shape)
+    if x.dim() < k or tuple(x.shape[x.dim() - k:]) != shape:
+        return (
+            f"{kind} broadcasting the parameter {tuple(w.shape)} against {tuple(x.shape)} "
+            "other than along leading dimensions"
+        )
+    n_lead = x.dim() - k
+    if kind == "mul":
+        return "mul", x, {"weight": w}, {}, n_lead
+    scale = 1 if is_first else (alpha if kind == "add" else -alpha)
+    stand_in = x.detach().new_zeros(()).expand(x.shape)
+    return "add", stand_in, {"bias": w}, {"scale": scale}, n_lead
+
+
 def _needs_grad(out) -> bool:
     if isinstance(out, torch.Tensor):
         return out.requires_grad
@@ -203,8 +285,16 @@ class Capture(TorchFunctionMode):
         found = self._find(args, kwargs)
         out = func(*args, **kwargs)
         if found and torch.is_grad_enabled() and _needs_grad(out):
-            self._record(_HANDLERS.get(func), func, args, kwargs, out, found)
+            self._record(self._handler(func), func, args, kwargs, out, found)
         return out
+
+    def _handler(self, func):
+        handler = _HANDLERS.get(func)
+        if handler is None:
+            kind = _ELEMENTWISE.get(func)
+            if kind is not None:
+                handler = functools.partial(_elementwise_handler, kind, self.tracked)
+        return handler
 
     def _find(self, args, kwargs) -> list[str]:
         tracked, names = self.tracked, []
@@ -245,6 +335,7 @@ class Capture(TorchFunctionMode):
         if _get_gradient_edge is not None:
             # Taken now, before any in-place op (e.g. ReLU(inplace=True)) rebases ``out``.
             ev.edge = _get_gradient_edge(out)
+        ev.out_numel = out.numel()
         self.events.append(ev)
         out.register_hook(functools.partial(self._hook, ev))
 

@@ -18,7 +18,8 @@ For parameters ``θ`` and samples ``x_1 … x_N`` (all rows of all batches),
 
 Engine: during an ordinary forward pass, every use of a tracked parameter by a recognised
 op (linear, conv1d/2d/3d, embedding, layer/RMS/group/batch norm, the projections of
-multi-head attention) keeps the op input; tensor hooks on the op outputs receive, during
+multi-head attention, and elementwise products and sums with a parameter broadcast along
+leading dims, ``w * x`` and ``x ± w``, as in Hugging Face's RMSNorm) keeps the op input; tensor hooks on the op outputs receive, during
 an ordinary backward pass of ``Σ_n ℓ_n``, the output gradient whose rows for sample ``n``
 are exactly sample ``n``'s own (the losses are per sample and the model is in eval mode).
 A rule per op turns (input, output gradient) into ``Σ_n |∂ℓ_n/∂θ|^p`` with
@@ -603,14 +604,16 @@ class _Pass:
         if not self.uses:
             return
         multi = {n for n, c in self.uses.items() if c > 1}
-        # Differentiate with respect to the captured op outputs, not the parameters: the
-        # hooks need only ∂loss/∂output, and targeting the parameters would make autograd
-        # compute every weight gradient (a third of the backward) just to discard it.
-        edges = [ev.edge for ev in self.capture.events if ev.active]
-        if edges and all(e is not None for e in edges):
-            inputs = edges
-        else:
-            inputs = [self.by_name[n] for n in self.uses]
+        # The hooks need only ∂loss/∂output. Differentiating with respect to the parameters
+        # makes autograd compute every weight gradient (a third of the backward) just to
+        # discard it, but targeting the op outputs holds all output gradients until the
+        # call returns. Target whichever set is smaller: the extra memory then never
+        # exceeds the parameter gradients an ordinary backward would hold.
+        inputs = [self.by_name[n] for n in self.uses]
+        active = [ev for ev in self.capture.events if ev.active]
+        if active and all(ev.edge is not None for ev in active):
+            if sum(ev.out_numel for ev in active) <= sum(p.numel() for p in inputs):
+                inputs = [ev.edge for ev in active]
         stash: dict[str, list] = defaultdict(list)
         acc, power = self.acc, self.power
 

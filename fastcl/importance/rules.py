@@ -8,7 +8,8 @@ per-sample parameter gradient ``∇_θ ℓ_b`` as a *contribution*:
 
 * :class:`Factored` — ``∇ℓ_b = Σ_t g[b,t]ᵀ x[b,t]`` per group (linear, convolution): never
   materialised for a single use, ``Σ_b |∇ℓ_b|^p`` comes from :func:`fastcl.ops.sqgrad`.
-* :class:`Dense` — ``∇ℓ_b`` itself, ``[B, numel]`` (biases, norm scales: small).
+* :class:`Dense` — ``∇ℓ_b`` itself, ``[B, numel]`` (biases, norm scales, parameters used
+  through a broadcast elementwise product or sum: small).
 * :class:`Sparse` — rows ``(b, row, value)`` of ``∇ℓ_b`` for an embedding table
   (only rows touched by sample ``b``; repeated tokens are summed before the power).
 
@@ -292,6 +293,29 @@ def _batch_norm(ev, g, batch):
     return _channel_affine(ev, g.to(acc), batch, xhat)
 
 
+def _mul(ev, g, batch):
+    """``out = w * x``, ``w`` broadcast along leading dims: ``∇_w ℓ_b = Σ_{t} (g ⊙ x)[b, t]``.
+
+    ``t`` runs over the leading dims of ``x`` other than the sample one (see
+    ``_capture._elementwise_handler``); ``g`` is reshaped to ``x``'s shape because ``w`` may
+    carry extra leading size-1 dims that ``out`` keeps.
+    """
+    if "weight" not in ev.active:
+        return {}
+    acc = acc_dtype(g.dtype)
+    prod = g.reshape(ev.x.shape).to(acc) * ev.x.to(acc)
+    return {"weight": Dense(_sum_middle(to_sample_major(prod, ev.n_lead, ev.layout, batch)))}
+
+
+def _add(ev, g, batch):
+    """``out = x + scale·w``, ``w`` broadcast along leading dims: ``∇_w ℓ_b = scale · Σ_t g[b, t]``."""
+    if "bias" not in ev.active:
+        return {}
+    values = _sum_middle(to_sample_major(g.reshape(ev.x.shape).to(acc_dtype(g.dtype)), ev.n_lead, ev.layout, batch))
+    scale = ev.meta["scale"]
+    return {"bias": Dense(values if scale == 1 else values * scale)}
+
+
 _RULES = {
     "linear": _linear,
     "conv": _conv,
@@ -300,6 +324,8 @@ _RULES = {
     "rms_norm": _rms_norm,
     "group_norm": _group_norm,
     "batch_norm": _batch_norm,
+    "mul": _mul,
+    "add": _add,
 }
 
 

@@ -115,5 +115,5 @@ class TiedLM(nn.Module):
         h = self.emb(ids).mean(1)
         h = torch.tanh(self.mix(torch.tanh(self.mix(h))))
         if self.scale is not None:
-            h = h * self.scale
+            h = h * self.scale.exp()  # exp of a parameter has no per-sample rule: the fallback
         return self.head(h)
