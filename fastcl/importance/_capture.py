@@ -265,6 +265,12 @@ class Capture(TorchFunctionMode):
         self.reset()
 
     def reset(self) -> None:
+        for ev in getattr(self, "events", ()):
+            # An event is reachable from its output's autograd node (through the hook) and
+            # its edge points back at that node: a cycle through C++ that Python's garbage
+            # collector cannot see, which would keep each batch's whole graph alive.
+            ev.edge = None
+            ev.x = None
         self.events: list[Event] = []
         self.unhandled: dict[str, str] = {}
         self.seq_first.clear()

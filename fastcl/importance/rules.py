@@ -38,7 +38,8 @@ __all__ = [
     "to_sample_major",
 ]
 
-_BUDGET_BYTES = 64 * 2**20
+_BUDGET_BYTES = 64 * 2**20  # ceiling for the per-sample buffers of one chunk ...
+_MIN_BUDGET_BYTES = 2**20  # ... which otherwise stay within the layer's own activation size
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,6 +85,10 @@ class Factored:
     def take(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [n, G, T, I]`` and ``g [n, G, T, O]`` for samples ``start:stop``."""
         raise NotImplementedError
+
+    def activation_bytes(self) -> int:
+        """Bytes of the layer input and output gradient, which exist anyway during backward."""
+        return self.x.numel() * self.x.element_size() + self.g.numel() * self.g.element_size()
 
 
 class LinearFactored(Factored):
@@ -362,8 +367,10 @@ def accumulate(items: list, out: torch.Tensor, power: int, batch: int) -> None:
         _accumulate_dense(items, out, power, batch)
 
 
-def _chunk(per_sample_bytes: int, batch: int) -> int:
-    return max(1, min(batch, _BUDGET_BYTES // max(per_sample_bytes, 1)))
+def _chunk(per_sample_bytes: int, batch: int, activation_bytes: int) -> int:
+    """Samples per chunk: per-sample buffers stay within the layer's activation size (1 MiB to 64 MiB)."""
+    budget = min(_BUDGET_BYTES, max(_MIN_BUDGET_BYTES, activation_bytes))
+    return max(1, min(batch, budget // max(per_sample_bytes, 1)))
 
 
 def _accumulate_factored(items, out, power, batch):
@@ -372,7 +379,7 @@ def _accumulate_factored(items, out, power, batch):
     per_sample = sum(c.sample_bytes() for c in items)
     if groups > 1:
         per_sample += groups * rows * cols * out.element_size()
-    chunk = _chunk(per_sample, batch) if per_sample else batch
+    chunk = _chunk(per_sample, batch, sum(c.activation_bytes() for c in items)) if per_sample else batch
     out3 = out.view(groups, rows, cols)
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)
@@ -392,7 +399,7 @@ def _accumulate_dense(items, out, power, batch):
     per_sample = numel * out.element_size() * 2 + sum(
         c.sample_bytes() for c in items if isinstance(c, Factored)
     )
-    chunk = _chunk(per_sample, batch)
+    chunk = _chunk(per_sample, batch, sum(c.activation_bytes() for c in items if isinstance(c, Factored)))
     flat = out.view(-1)
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)

@@ -12,7 +12,8 @@ sum of absolute per-sample gradients.
   computed here directly for every backend (``|g|ᵀ|x|`` for ``p = 1``).
 * ``T > 1``: a backend kernel; it must not materialise the ``[B, O, I]`` per-sample
   gradients (tile one sample's product in registers, raise to ``p``, accumulate). The
-  torch reference materialises them in chunks of samples bounded to ~64 MiB.
+  torch reference materialises them in chunks of samples whose buffers stay within the size of ``x`` and
+  ``g`` (at least 1 MiB, at most 64 MiB).
 
 Backend kernels (``OPS["sqgrad"]``) are called as ``kernel(x, g, out, power)`` with
 ``x: [B, T, I]``, ``g: [B, T, O]`` contiguous (strided for the torch reference), one dtype (float32, bfloat16, float16;
@@ -41,7 +42,9 @@ def sqgrad_reference(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor, power:
     O = g.shape[-1]
     acc = out.dtype
     per_sample_bytes = O * I * torch.finfo(acc).bits // 8
-    chunk = max(1, min(B, _CHUNK_BYTES // max(per_sample_bytes, 1)))
+    # Per-sample buffers stay within the size of x and g themselves (1 MiB to 64 MiB).
+    budget = min(_CHUNK_BYTES, max(2**20, x.numel() * x.element_size() + g.numel() * g.element_size()))
+    chunk = max(1, min(B, budget // max(per_sample_bytes, 1)))
     for start in range(0, B, chunk):
         xs = x[start:start + chunk].to(acc)
         gs = g[start:start + chunk].to(acc)

@@ -282,3 +282,22 @@ def test_batch_norm_with_batch_statistics_is_rejected():
     x, y = _data(3, dtype=torch.float32)
     with pytest.raises(ValueError, match="batch statistics"):
         diagonal_fisher(model, [(x, y)])
+
+
+def test_pass_leaves_no_autograd_graph_alive():
+    """Nothing of a batch's graph survives the pass (a leaked graph keeps its saved inputs)."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+    def run():
+        x = torch.randn(4, 6)
+        ref = weakref.ref(x)
+        diagonal_fisher(model, [(x, torch.tensor([0, 1, 2, 0]))], verbose=False)
+        return ref
+
+    ref = run()
+    gc.collect()
+    assert ref() is None
