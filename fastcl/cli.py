@@ -209,7 +209,12 @@ def _run_info() -> int:
         ops = backend_info(dev)
         print("    ops: " + ", ".join(f"{op} -> {backend}" for op, backend in ops.items()))
         for backend, reason in backend_status(dev).items():
-            print(f"    {backend}: " + ("available" if reason is None else f"unavailable ({_one_line(reason)})"))
+            detail = ""
+            if backend == "cpp" and reason is None:
+                from .kernels import cpp
+
+                detail = f" (distill kernel: {cpp._C.distill_isa()})"
+            print(f"    {backend}: " + ("available" + detail if reason is None else f"unavailable ({_one_line(reason)})"))
     return 0
 
 

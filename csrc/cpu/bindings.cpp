@@ -52,11 +52,11 @@ double penalty(const std::vector<uintptr_t>& params, const std::vector<uintptr_t
 }
 
 void distill(uintptr_t student, uintptr_t teacher, uintptr_t mask, uintptr_t row_loss, uintptr_t grad,
-             int64_t rows, int64_t vocab, int dtype, double temperature, int num_threads) {
+             int64_t rows, int64_t vocab, int dtype, double temperature, int num_threads, int isa) {
     py::gil_scoped_release no_gil;
     fastcl::distill_cpu(reinterpret_cast<const void*>(student), reinterpret_cast<const void*>(teacher),
                         reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<float*>(row_loss),
-                        reinterpret_cast<void*>(grad), rows, vocab, dtype, temperature, num_threads);
+                        reinterpret_cast<void*>(grad), rows, vocab, dtype, temperature, num_threads, isa);
 }
 
 }  // namespace
@@ -72,7 +72,12 @@ PYBIND11_MODULE(_C, m) {
           "Dtype codes: 0 float32, 1 bfloat16, 2 float16.");
     m.def("distill", &distill, py::arg("student"), py::arg("teacher"), py::arg("mask"), py::arg("row_loss"),
           py::arg("grad"), py::arg("rows"), py::arg("vocab"), py::arg("dtype"), py::arg("temperature"),
-          py::arg("num_threads"),
+          py::arg("num_threads"), py::arg("isa") = -1,
           "Per row: row_loss = T²·KL(softmax(t/T) ‖ softmax(s/T)) (float32), grad = T·(softmax(s/T) − "
-          "softmax(t/T)) in the logits' dtype; mask address 0 = no mask, else uint8 per row.");
+          "softmax(t/T)) in the logits' dtype; mask address 0 = no mask, else uint8 per row. isa: -1 = the widest "
+          "variant this CPU supports, else 0 baseline, 1 avx2, 2 avx512 (for tests).");
+    m.def("distill_isa", [] {
+        static const char* names[] = {"baseline", "avx2", "avx512"};
+        return std::string(names[fastcl::distill_isa()]);
+    }, "Instruction set of the distill kernel variant chosen for this CPU: baseline, avx2 or avx512.");
 }

@@ -119,9 +119,12 @@ class _Distill(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
             scale = grad_output.reshape(-1, 1).to(_acc_dtype(grad.dtype))
+            out = (grad.to(scale.dtype) * scale).to(grad.dtype)
         else:
+            # A 0-dim float32 scale keeps the product in grad's dtype while TensorIterator
+            # computes it in float32: one rounding, no full-size float32 temporaries.
             scale = grad_output.to(_acc_dtype(grad.dtype)) * ctx.factor
-        out = (grad.to(scale.dtype) * scale).to(grad.dtype)
+            out = grad * scale
         return out, None, None, None, None, None
 
 

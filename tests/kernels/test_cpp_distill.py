@@ -131,3 +131,40 @@ def test_rejects_bad_arguments():
         cpp.distill(s, t, 1.0, torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match="temperature"):
         cpp.distill(s, t, 0.0, None)
+
+
+ISA_NAMES = ("baseline", "avx2", "avx512")
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", range(len(ISA_NAMES)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_isa_variant_matches_float64(isa, dtype):
+    """The run-time dispatch picks the widest variant; each one this CPU can run is checked here."""
+    if isa > ISA_NAMES.index(cpp._C.distill_isa()):
+        pytest.skip(f"this CPU cannot run the {ISA_NAMES[isa]} variant")
+    gen = torch.Generator().manual_seed(100 + isa)
+    R, V, T = 5, 1037, 1.7  # V not a multiple of any vector width
+    student = (4 * torch.randn(R, V, generator=gen)).to(dtype)
+    teacher = (4 * torch.randn(R, V, generator=gen)).to(dtype)
+    teacher[1, 3] = float("-inf")
+    mask = torch.tensor([1, 1, 0, 1, 1], dtype=torch.uint8)
+    row_loss = torch.empty(R, dtype=torch.float32)
+    grad = torch.empty(R, V, dtype=dtype)
+    code = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+    cpp._C.distill(student.data_ptr(), teacher.data_ptr(), mask.data_ptr(), row_loss.data_ptr(), grad.data_ptr(),
+                   R, V, code, T, 2, isa)
+    want_loss, want_grad = expected(student, teacher, T, mask.double())
+    torch.testing.assert_close(row_loss.double(), want_loss, rtol=1e-5, atol=1e-6)
+    rtol, atol = GRAD_TOL[dtype]
+    torch.testing.assert_close(grad.double(), want_grad, rtol=rtol, atol=atol)
+
+
+@needs_ext
+def test_unsupported_isa_variant_is_refused():
+    best = ISA_NAMES.index(cpp._C.distill_isa())
+    if best == len(ISA_NAMES) - 1:
+        pytest.skip("this CPU supports every variant")
+    z = torch.zeros(1, 4)
+    with pytest.raises(ValueError):
+        cpp._C.distill(z.data_ptr(), z.data_ptr(), 0, torch.zeros(1).data_ptr(), torch.zeros(1, 4).data_ptr(), 1, 4, 0, 1.0, 1, best + 1)
