@@ -100,6 +100,28 @@ def measure_time(
     return _summarise(samples)
 
 
+def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str = "cpu", *, warmup: int = 1, rounds: int = 7) -> dict[str, Timing]:
+    """Per-call times of several functions measured round-robin: round ``r`` calls each once.
+
+    For comparisons of long calls (whole training epochs), where timing one function's
+    repetitions after another's lets the machine's drift between the blocks into the ratio.
+    """
+    device = torch.device(device)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: _summarise(values) for name, values in samples.items()}
+
+
 def _measure_cuda(fn, device, min_reps, max_reps, budget_s) -> Timing:
     # Estimate the per-call time from a few calls, then record events for a fixed count
     # so that no host synchronisation sits between the timed calls.

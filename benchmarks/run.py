@@ -55,7 +55,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import baselines as bl  # noqa: E402
 from _cases import make_batches, make_model, make_penalty_set, param_shapes, penalty_bytes  # noqa: E402
-from _timing import cycle, measure_peak_mb, measure_time, rotation_count  # noqa: E402
+from _timing import cycle, measure_interleaved, measure_peak_mb, measure_time, rotation_count  # noqa: E402
 
 import fastcl  # noqa: E402
 from fastcl.ops import BackendUnavailableError, backend_info, use_backend  # noqa: E402
@@ -186,10 +186,21 @@ class Recorder:
         self.skipped.append({"op": op, "impl": impl, "case": case, "reason": reason})
         print(f"  skip {op:<21} {impl:<26} {case:<24} {reason}", flush=True)
 
-    def measure(self, op, impl, case, size, fn: Callable, *, bytes_moved: int | None = None, slow=False, note=None, rotate: int = 1) -> dict | None:
+    def measure_group(self, op, case, size, impls: dict, *, notes: dict | None = None) -> None:
+        """Time ``impls`` ({impl: fn}) round-robin (see measure_interleaved), then record each."""
+        rounds = 3 if self.cfg.quick else 7
+        try:
+            timings = measure_interleaved(impls, self.cfg.device, warmup=1, rounds=rounds)
+        except Exception as exc:  # noqa: BLE001 - fall back to one-by-one timing, which reports failures per impl
+            print(f"  interleaved timing failed ({type(exc).__name__}: {exc}); timing one by one", flush=True)
+            timings = {}
+        for impl, fn in impls.items():
+            self.measure(op, impl, case, size, fn, slow=True, note=(notes or {}).get(impl), timing=timings.get(impl))
+
+    def measure(self, op, impl, case, size, fn: Callable, *, bytes_moved: int | None = None, slow=False, note=None, rotate: int = 1, timing=None) -> dict | None:
         device = self.cfg.device
         try:
-            t = measure_time(fn, device, **(self.cfg.slow_timing if slow else self.cfg.timing))
+            t = timing if timing is not None else measure_time(fn, device, **(self.cfg.slow_timing if slow else self.cfg.timing))
             peak = measure_peak_mb(fn, device, prime=rotate)
         except BackendUnavailableError as exc:
             self.skip(op, impl, case, f"backend unavailable: {exc}")
@@ -477,18 +488,19 @@ def bench_e2e(cfg: Config, rec: Recorder) -> None:
             m = copy.deepcopy(base)
             return m, torch.optim.SGD(m.parameters(), lr=1e-3)
 
+        impls: dict[str, Callable] = {}
+        notes: dict[str, str] = {}
         m0, o0 = fresh()
-        rec.measure("e2e", "plain", kind, size, lambda: bl.plain_epoch(m0, batches, o0), slow=True)
+        impls["plain"] = lambda: bl.plain_epoch(m0, batches, o0)
         m1, o1 = fresh()
-        rec.measure("e2e", "autograd_loop_ewc", kind, size, lambda: bl.ewc_autograd_loop_epoch(m1, batches, o1, anchors, fisher, LAMBDA), slow=True)
+        impls["autograd_loop_ewc"] = lambda: bl.ewc_autograd_loop_epoch(m1, batches, o1, anchors, fisher, LAMBDA)
         if EWC is None:
             rec.skip("e2e", "fastcl[*]", kind, "fastcl.EWC not available yet")
-            continue
-        for b in fastcl_backends(device, "penalty", torch.float32, rec, "e2e", kind):
+        for b in fastcl_backends(device, "penalty", torch.float32, rec, "e2e", kind) if EWC is not None else ():
             try:
                 m, opt = fresh()
                 ewc = EWC(m, LAMBDA)
-                ewc.consolidate(batches)  # default backends: only the penalty's backend is forced below
+                ewc.consolidate(batches, verbose=False)  # default backends: only the penalty's backend is forced below
             except Exception as exc:  # noqa: BLE001
                 rec.skip("e2e", f"fastcl[{b}]", kind, f"EWC.consolidate failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 continue
@@ -506,8 +518,11 @@ def bench_e2e(cfg: Config, rec: Recorder) -> None:
                     (F.cross_entropy(m(x), y) + ewc.penalty()).backward()
                     opt.step()
 
-            rec.measure("e2e", f"fastcl[{b}]", kind, size, forced(b, add_grad_epoch), slow=True, note="EWC.add_penalty_grad_()")
-            rec.measure("e2e", f"fastcl[{b}] penalty()", kind, size, forced(b, differentiable_epoch), slow=True, note="differentiable EWC.penalty()")
+            impls[f"fastcl[{b}]"] = forced(b, add_grad_epoch)
+            notes[f"fastcl[{b}]"] = "EWC.add_penalty_grad_()"
+            impls[f"fastcl[{b}] penalty()"] = forced(b, differentiable_epoch)
+            notes[f"fastcl[{b}] penalty()"] = "differentiable EWC.penalty()"
+        rec.measure_group("e2e", kind, size, impls, notes=notes)
         free(device)
 
 
