@@ -39,7 +39,6 @@ penalty gradient is then that of the mean of the per-rank Fishers.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Mapping
 
@@ -57,6 +56,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 from .._names import unwrap_model
 from ..ops import fused_linear_distillation
 from ..strategies import EWC, MAS, LwF
+from ..strategies.lwf import frozen_copy
 from ..strategies.base import check_strength
 
 __all__ = [
@@ -332,10 +332,7 @@ class CausalLMLwF:
         nothing is stored; the teacher is the base model under the adapters.
         """
         if self.teacher_mode == "copy":
-            teacher = copy.deepcopy(unwrap_model(self.model))
-            teacher.eval()
-            teacher.requires_grad_(False)
-            self.teacher = teacher
+            self.teacher = frozen_copy(self.model)
         self.num_consolidations += 1
 
     @torch.no_grad()

@@ -1,8 +1,9 @@
-"""Checks in front of the raw-pointer kernels (fastcl._C, fastcl._cuda).
+"""The raw-pointer interface shared by the compiled kernels (fastcl._C, fastcl._cuda).
 
 Those kernels trust every address and size they are given, so a wrong list would corrupt
 memory instead of raising. :func:`fastcl.ops.penalty` already guarantees all of this;
-these checks keep direct callers of the backend modules safe too.
+these checks keep direct callers of the backend modules safe too. The codes are those of
+``csrc/cpu/kernels.h`` and ``csrc/cuda/kernels.h``.
 """
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["check_tensor", "check_list"]
+__all__ = ["DTYPE_CODES", "STORAGE_CODES", "KIND_CODES", "check_tensor", "check_list", "float64_storage", "penalty_arguments"]
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # θ and grad
+STORAGE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # anchors and weights
+KIND_CODES = {"quadratic": 0, "l1": 1}
+NO_WEIGHTS = -1
 
 
 def check_tensor(label: str, t: torch.Tensor, device: torch.device, backend: str) -> None:
@@ -45,3 +51,34 @@ def check_list(
     if dtype not in dtypes:
         raise TypeError(f"{label} must have dtype in {dtypes}, got {dtype}")
     return dtype
+
+
+def float64_storage(anchors, weights) -> bool:
+    """Anchors or weights in float64 (allowed beside float32 θ): the kernels leave those to the reference."""
+    return any(seq is not None and seq and seq[0].dtype == torch.float64 for seq in (anchors, weights))
+
+
+def penalty_arguments(params, anchors, weights, grads, kind: str, device: torch.device, backend: str) -> tuple:
+    """Validate and return the kernels' leading arguments.
+
+    ``(param_ptrs, anchor_ptrs, weight_ptrs, grad_ptrs, sizes, param_code, anchor_code,
+    weight_code, kind_code)``; empty weight/grad lists mean "unweighted"/"value only".
+    """
+    if kind not in KIND_CODES:
+        raise ValueError(f"kind must be one of {tuple(KIND_CODES)}, got {kind!r}")
+    p_dtype = check_list("params", params, params, device, DTYPE_CODES, backend)
+    a_dtype = check_list("anchors", anchors, params, device, STORAGE_CODES, backend)
+    w_dtype = None if weights is None else check_list("weights", weights, params, device, STORAGE_CODES, backend)
+    if grads is not None:
+        check_list("grads", grads, params, device, (p_dtype,), backend)
+    return (
+        [p.data_ptr() for p in params],
+        [a.data_ptr() for a in anchors],
+        [] if weights is None else [w.data_ptr() for w in weights],
+        [] if grads is None else [g.data_ptr() for g in grads],
+        [p.numel() for p in params],
+        DTYPE_CODES[p_dtype],
+        STORAGE_CODES[a_dtype],
+        NO_WEIGHTS if w_dtype is None else STORAGE_CODES[w_dtype],
+        KIND_CODES[kind],
+    )

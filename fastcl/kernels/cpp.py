@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from ._checks import check_list, check_tensor
+from ._checks import DTYPE_CODES, check_tensor, float64_storage, penalty_arguments
 
 try:
     from .. import _C
@@ -37,12 +37,7 @@ else:
 __all__ = ["BUILD_ERROR", "OPS", "distill", "penalty", "unavailable_reason", "unsupported_reason"]
 
 # dtype codes of csrc/cpu/dtypes.h
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-STORAGE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-KIND_CODES = {"quadratic": 0, "l1": 1}
 _CPU = torch.device("cpu")
-
-
 
 
 def penalty(
@@ -60,33 +55,15 @@ def penalty(
     """
     if _C is None:
         raise RuntimeError(BUILD_ERROR)
-    if kind not in KIND_CODES:
-        raise ValueError(f"kind must be one of {tuple(KIND_CODES)}, got {kind!r}")
     params = list(params)
     if not params:
         return torch.zeros((), dtype=torch.float32)
-    if any(seq is not None and seq and seq[0].dtype == torch.float64 for seq in (anchors, weights)):
+    if float64_storage(anchors, weights):
         from ..ops.penalty import penalty_reference
 
         return penalty_reference(params, anchors, weights, scale, kind, grads)
-    p_dtype = check_list("params", params, params, _CPU, DTYPE_CODES, "cpp")
-    a_dtype = check_list("anchors", anchors, params, _CPU, STORAGE_CODES, "cpp")
-    w_dtype = None if weights is None else check_list("weights", weights, params, _CPU, STORAGE_CODES, "cpp")
-    if grads is not None:
-        check_list("grads", grads, params, _CPU, (p_dtype,), "cpp")
-    value = _C.penalty(
-        [p.data_ptr() for p in params],
-        [a.data_ptr() for a in anchors],
-        [] if weights is None else [w.data_ptr() for w in weights],
-        [] if grads is None else [g.data_ptr() for g in grads],
-        [p.numel() for p in params],
-        DTYPE_CODES[p_dtype],
-        STORAGE_CODES[a_dtype],
-        -1 if w_dtype is None else STORAGE_CODES[w_dtype],
-        KIND_CODES[kind],
-        float(scale),
-        torch.get_num_threads(),
-    )
+    args = penalty_arguments(params, anchors, weights, grads, kind, _CPU, "cpp")
+    value = _C.penalty(*args, float(scale), torch.get_num_threads())
     return torch.tensor(value, dtype=torch.float32)
 
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from ._checks import check_list
+from ._checks import DTYPE_CODES, float64_storage, penalty_arguments
 
 try:
     from .. import _cuda
@@ -37,10 +37,6 @@ else:
 
 __all__ = ["BUILD_ERROR", "OPS", "penalty", "unavailable_reason", "unsupported_reason"]
 
-# dtype codes of csrc/cuda/kernels.h
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-STORAGE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-KIND_CODES = {"quadratic": 0, "l1": 1}
 
 
 def penalty(
@@ -59,37 +55,23 @@ def penalty(
     """
     if _cuda is None:
         raise RuntimeError(BUILD_ERROR)
-    if kind not in KIND_CODES:
-        raise ValueError(f"kind must be one of {tuple(KIND_CODES)}, got {kind!r}")
     params = list(params)
     if not params:
         return torch.zeros((), dtype=torch.float32)
     device = params[0].device
     if device.type != "cuda":
         raise ValueError(f"params[0] must be a CUDA tensor for the cuda backend, got {device}")
-    if any(seq is not None and seq and seq[0].dtype == torch.float64 for seq in (anchors, weights)):
+    if float64_storage(anchors, weights):
         from ..ops.penalty import penalty_reference
 
         return penalty_reference(params, anchors, weights, scale, kind, grads)
-    p_dtype = check_list("params", params, params, device, DTYPE_CODES, "cuda")
-    a_dtype = check_list("anchors", anchors, params, device, STORAGE_CODES, "cuda")
-    w_dtype = None if weights is None else check_list("weights", weights, params, device, STORAGE_CODES, "cuda")
-    if grads is not None:
-        check_list("grads", grads, params, device, (p_dtype,), "cuda")
-    sizes = [p.numel() for p in params]
+    args = penalty_arguments(params, anchors, weights, grads, kind, device, "cuda")
+    sizes = args[4]
     num_partials = _cuda.penalty_num_partials(sizes)
     partials = torch.empty(max(num_partials, 1), dtype=torch.float32, device=device)
     out = torch.empty((), dtype=torch.float32, device=device)
     _cuda.penalty(
-        [p.data_ptr() for p in params],
-        [a.data_ptr() for a in anchors],
-        [] if weights is None else [w.data_ptr() for w in weights],
-        [] if grads is None else [g.data_ptr() for g in grads],
-        sizes,
-        DTYPE_CODES[p_dtype],
-        STORAGE_CODES[a_dtype],
-        -1 if w_dtype is None else STORAGE_CODES[w_dtype],
-        KIND_CODES[kind],
+        *args,
         float(scale),
         partials.data_ptr(),
         num_partials,

@@ -20,7 +20,15 @@ from .._names import unwrap_model
 from ..ops import distillation_loss
 from .base import check_strength
 
-__all__ = ["LwF"]
+__all__ = ["LwF", "frozen_copy"]
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of the unwrapped ``model`` in eval mode with every parameter frozen (a teacher)."""
+    teacher = copy.deepcopy(unwrap_model(model))
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 class LwF:
@@ -54,10 +62,7 @@ class LwF:
 
     def consolidate(self, data=None) -> None:
         """Snapshot the current model as the teacher (eval mode, no gradients). ``data`` is ignored."""
-        teacher = copy.deepcopy(unwrap_model(self.model))
-        teacher.eval()
-        teacher.requires_grad_(False)
-        self.teacher = teacher
+        self.teacher = frozen_copy(self.model)
         self.num_consolidations += 1
 
     @torch.no_grad()
