@@ -669,6 +669,11 @@ class _Pass:
         for n in self.selected:
             by_device[self.acc[n].device].append(n)
         for names in by_device.values():
+            # One summing pass per accumulator carries any NaN/inf (isfinite().all() takes
+            # four); only a non-finite total pays for the per-parameter search.
+            total = torch.stack([self.acc[n].sum() for n in names]).sum()
+            if bool(torch.isfinite(total)):
+                continue
             ok = torch.stack([torch.isfinite(self.acc[n]).all() for n in names])
             if not bool(ok.all()):
                 bad = [n for n, flag in zip(names, ok.tolist()) if not flag]

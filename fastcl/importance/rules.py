@@ -185,6 +185,8 @@ def _unfold(x: torch.Tensor, kernel, dilation, stride) -> torch.Tensor:
 
 def _sum_middle(t: torch.Tensor) -> torch.Tensor:
     """``[B, T, *feat]`` -> ``[B, numel(feat)]`` summed over ``T``."""
+    if t.shape[1] == 1:  # a plain Linear: summing one position would fill and copy the whole gradient
+        return t.reshape(t.shape[0], -1)
     return t.sum(1).reshape(t.shape[0], -1)
 
 
