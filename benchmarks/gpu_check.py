@@ -56,7 +56,6 @@ import datetime as _dt  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
-import re  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -77,6 +76,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import fastcl  # noqa: E402
 from fastcl.ops import backend_info, use_backend  # noqa: E402
+from run import device_name, git_commit, slug  # noqa: E402  (benchmarks/run.py)
 
 SECTIONS = ("env", "floors", "penalty", "sqgrad", "distill", "fused", "bench")
 CORRECTNESS = ("penalty", "sqgrad", "distill", "fused")
@@ -284,34 +284,6 @@ def rows_for(nbytes_per_row: int, budget: int) -> int:
 
 
 # ============================================================================ env
-
-
-def git_commit() -> str | None:
-    """HEAD, with ``-dirty`` for tracked changes; ``FASTCL_GIT_COMMIT`` where there is no git checkout."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        if rev.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-            return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("FASTCL_GIT_COMMIT") or None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
 def section_env(ctx: "Context", sec: SectionResult) -> None:

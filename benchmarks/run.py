@@ -599,16 +599,17 @@ def slug(text: str) -> str:
 
 
 def git_commit() -> str | None:
+    """HEAD, with ``-dirty`` for tracked changes; ``FASTCL_GIT_COMMIT`` where there is no git checkout
+    (e.g. the copy of the tree on a lent GPU machine)."""
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10)
-        if rev.returncode != 0:
-            return None
-        commit = rev.stdout.strip()
-        # tracked changes only (git describe --dirty semantics)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True, timeout=10)
-        return commit + ("-dirty" if dirty.stdout.strip() else "")
+        if rev.returncode == 0:
+            # tracked changes only (git describe --dirty semantics)
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True, timeout=10)
+            return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    return os.environ.get("FASTCL_GIT_COMMIT") or None
 
 
 def triton_version() -> str | None:
