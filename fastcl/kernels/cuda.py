@@ -38,7 +38,6 @@ else:
 __all__ = ["BUILD_ERROR", "OPS", "penalty", "unavailable_reason", "unsupported_reason"]
 
 
-
 def penalty(
     params: Sequence[torch.Tensor],
     anchors: Sequence[torch.Tensor],

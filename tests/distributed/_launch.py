@@ -65,3 +65,11 @@ def run(worker, outdir, *args, world_size: int = 2, timeout: float = 240.0) -> N
     codes = [p.exitcode for p in procs]
     if any(c != 0 for c in codes) or errors:
         pytest.fail(f"workers exited with {codes}\n{errors}")
+
+
+def run_and_load(worker, outdir, world_size: int = 2) -> list:
+    """:func:`run`, then every rank's saved results (``rank<r>.pt``)."""
+    import torch
+
+    run(worker, outdir, world_size=world_size)
+    return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

@@ -4,7 +4,6 @@ Every rank must end up with the importance of ALL the data (sums and sample coun
 all-reduced), the same penalty and gradients, equal to a single process on all the data.
 """
 import pytest
-import torch
 import torch.distributed as dist
 
 from . import _launch
@@ -17,9 +16,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    outdir = tmp_path_factory.mktemp("ddp")
-    _launch.run(ddp_worker, outdir)
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return _launch.run_and_load(ddp_worker, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.fixture(scope="module")

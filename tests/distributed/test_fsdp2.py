@@ -6,7 +6,6 @@ gradients must equal a single process on all the data, with the same value on ev
 import math
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from . import _launch
@@ -33,9 +32,7 @@ pytestmark = pytest.mark.skipif(_fsdp2_available() is not None, reason=str(_fsdp
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    outdir = tmp_path_factory.mktemp("fsdp2")
-    _launch.run(fsdp2_worker, outdir)
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return _launch.run_and_load(fsdp2_worker, tmp_path_factory.mktemp("fsdp2"))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ import torch
 
 from fastcl.kernels import cuda as cuda_backend
 
+from ._penalty_oracle import expected
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -78,17 +80,6 @@ def test_cuda_backend_reports_why_not_on_cpu():
     assert cuda_backend.unavailable_reason("cpu") is not None
     assert cuda_backend.unsupported_reason("penalty", torch.float64) is not None
     assert cuda_backend.unsupported_reason("sqgrad", torch.float32) is not None
-
-
-def expected(params, anchors, weights, scale, kind, grads):
-    value, new_grads = 0.0, []
-    for i, p in enumerate(params):
-        d = p.double() - anchors[i].double()
-        w = torch.ones_like(d) if weights is None else weights[i].double()
-        phi, slope = (d * d / 2, d) if kind == "quadratic" else (d.abs(), d.sign())
-        value += (w * phi).sum().item()
-        new_grads.append(None if grads is None else grads[i].double() + scale * w * slope)
-    return scale * value, new_grads
 
 
 def make(shapes, dtype, storage, weighted, seed, device="cuda"):
