@@ -7,7 +7,7 @@ optional third-party libraries that are imported lazily and may be missing).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

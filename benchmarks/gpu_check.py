@@ -61,9 +61,9 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -73,10 +73,10 @@ for _p in (str(ROOT), str(HERE)):  # fastcl from this checkout even when not ins
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from run import device_name, git_commit, slug  # noqa: E402  (benchmarks/run.py)
 
 import fastcl  # noqa: E402
 from fastcl.ops import backend_info, use_backend  # noqa: E402
-from run import device_name, git_commit, slug  # noqa: E402  (benchmarks/run.py)
 
 SECTIONS = ("env", "floors", "penalty", "sqgrad", "distill", "fused", "bench")
 CORRECTNESS = ("penalty", "sqgrad", "distill", "fused")
@@ -286,7 +286,7 @@ def rows_for(nbytes_per_row: int, budget: int) -> int:
 # ============================================================================ env
 
 
-def section_env(ctx: "Context", sec: SectionResult) -> None:
+def section_env(ctx: Context, sec: SectionResult) -> None:
     env: dict = {
         "device_name": device_name(ctx.device),
         "device_type": ctx.device.type,
@@ -384,7 +384,7 @@ def _cuda_median_ms(fn: Callable[[], object], device: torch.device, warmup: int,
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
-def section_floors(ctx: "Context", sec: SectionResult) -> None:
+def section_floors(ctx: Context, sec: SectionResult) -> None:
     if ctx.device.type != "cuda":
         sec.status = "skipped"
         sec.data["reason"] = "no CUDA device (--dry-run-cpu): copy bandwidth and matmul rates are timed with CUDA events only"
@@ -475,7 +475,7 @@ def _penalty_cases(backends):
     return cases
 
 
-def section_penalty(ctx: "Context", sec: SectionResult) -> None:
+def section_penalty(ctx: Context, sec: SectionResult) -> None:
     device = ctx.device
     n_tensors, total = ctx.plan.penalty
     shapes = penalty_shapes(n_tensors, total)
@@ -546,7 +546,7 @@ def _sqgrad_reference(x, g, power, chunk_bytes):
     return want, mag
 
 
-def section_sqgrad(ctx: "Context", sec: SectionResult) -> None:
+def section_sqgrad(ctx: Context, sec: SectionResult) -> None:
     from fastcl.kernels import triton as kt
 
     device = ctx.device
@@ -636,7 +636,7 @@ def _grad_bound(want, mag, dtype, rounding=1.0):
     return rounding * OUT_RTOL[dtype] * want.abs() + 2e-5 * mag + torch.finfo(dtype).tiny * torch.finfo(dtype).eps
 
 
-def section_distill(ctx: "Context", sec: SectionResult) -> None:
+def section_distill(ctx: Context, sec: SectionResult) -> None:
     from fastcl.kernels import triton as kt
 
     device = ctx.device
@@ -743,7 +743,7 @@ def _torch_unfused(h, W, b, t_logits, ht, Wt, T, mask):
     return (rows * mask).sum() / mask.sum().clamp(min=1)
 
 
-def section_fused(ctx: "Context", sec: SectionResult) -> None:
+def section_fused(ctx: Context, sec: SectionResult) -> None:
     device = ctx.device
     for n, (R, V, H, dtype, teacher, masked, bias, chunk) in enumerate(ctx.plan.fused):
         label = f"R={R} V={V} H={H} {DT[dtype]} teacher={teacher}{' masked' if masked else ''}{' bias' if bias else ''} chunk={chunk or 'auto'}"
@@ -832,7 +832,7 @@ def _yardstick(h, W, b, t_logits, ht, Wt, T, mask, want, rows_chunk) -> dict:
 # ============================================================================ bench
 
 
-def _bench_command(ctx: "Context", op: str, out_dir: Path) -> list[str]:
+def _bench_command(ctx: Context, op: str, out_dir: Path) -> list[str]:
     cmd = [sys.executable, str(HERE / "run.py"), "--device", ctx.device.type, "--ops", op, "--out", str(out_dir), "--no-plots"]
     if ctx.plan.mode != "full":
         cmd.append("--quick")
@@ -841,7 +841,7 @@ def _bench_command(ctx: "Context", op: str, out_dir: Path) -> list[str]:
     return cmd
 
 
-def section_bench(ctx: "Context", sec: SectionResult) -> None:
+def section_bench(ctx: Context, sec: SectionResult) -> None:
     ops = ("penalty",) if ctx.plan.mode == "dry-run-cpu" else BENCH_OPS
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTCL_GPU_CHECK_INJECT_FAULT", "FASTCL_BACKEND")}
     env["PYTHONUNBUFFERED"] = "1"

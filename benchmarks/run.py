@@ -25,9 +25,9 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -50,10 +50,9 @@ _THREADS = _early_threads(sys.argv[1:]) if __name__ == "__main__" else None
 if _THREADS:
     os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 
+import baselines as bl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-import baselines as bl  # noqa: E402
 from _cases import make_batches, make_model, make_penalty_set, param_shapes, penalty_bytes  # noqa: E402
 from _timing import cycle, measure_interleaved, measure_peak_mb, measure_time, rotation_count  # noqa: E402
 

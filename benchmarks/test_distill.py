@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import math
 
+import baselines as bl
 import pytest
 import torch
-
-import baselines as bl
 from _cases import fastcl_backends
 from conftest import bench_device
 

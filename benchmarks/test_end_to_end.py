@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import copy
 
+import baselines as bl
 import pytest
 import torch
 import torch.nn.functional as F
-
-import baselines as bl
 from _cases import fastcl_backends, make_batches, make_model
 from conftest import bench_device
 

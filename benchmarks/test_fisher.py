@@ -4,9 +4,8 @@
 """
 from __future__ import annotations
 
-import pytest
-
 import baselines as bl
+import pytest
 from _cases import fastcl_backends, make_batches, make_model
 from conftest import bench_device
 

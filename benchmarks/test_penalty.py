@@ -4,10 +4,9 @@
 """
 from __future__ import annotations
 
+import baselines as bl
 import pytest
 import torch
-
-import baselines as bl
 from _cases import fastcl_backends, make_penalty_set, param_shapes, penalty_bytes
 from conftest import bench_device
 

@@ -5,13 +5,13 @@ Fisher engine, fine-tuning helpers, imbalanced-data helpers and continual-learni
 metrics, on three fused ops (penalty, sqgrad, distill) with Triton, C++ and CUDA kernels
 and a pure-PyTorch fallback.
 """
-from ._version import __version__
-from .ops import BackendUnavailableError, backend_info, distillation_loss, fused_linear_distillation, use_backend
 from . import scenarios
+from ._version import __version__
 from .data import balanced_sampler, class_counts, class_weights
 from .finetune import GradualUnfreezer, freeze, layerwise_lr_groups, trainable_parameters, unfreeze
 from .importance import PerSampleFallbackWarning, canonical_name, diagonal_fisher, mas_importance, named_trainable_parameters
 from .metrics import AccuracyMatrix
+from .ops import BackendUnavailableError, backend_info, distillation_loss, fused_linear_distillation, use_backend
 from .strategies import EWC, L1SP, L2SP, MAS, SI, LwF
 
 __all__ = [

@@ -23,7 +23,7 @@ parallel layouts (``_StridedShard``, ``Partial``) raise ``NotImplementedError``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

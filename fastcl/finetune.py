@@ -19,7 +19,7 @@ explicitly whenever this order is not the input-to-output order of your model.
 from __future__ import annotations
 
 import fnmatch
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 

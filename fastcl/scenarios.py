@@ -14,15 +14,15 @@ deterministic given ``seed``.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence, Union
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
 __all__ = ["Task", "split", "permuted", "load_digits"]
 
-Data = Union[Dataset, Sequence[torch.Tensor]]
+Data = Dataset | Sequence[torch.Tensor]
 
 
 @dataclass

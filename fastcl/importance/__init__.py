@@ -4,8 +4,8 @@
 over samples of the squared (Fisher) or absolute (MAS) per-sample gradient, exactly,
 from one ordinary forward and backward pass per batch (see :mod:`fastcl.importance.fisher`).
 """
-from .fisher import PerSampleFallbackWarning, diagonal_fisher, mas_importance
 from .._names import canonical_name, named_trainable_parameters
+from .fisher import PerSampleFallbackWarning, diagonal_fisher, mas_importance
 
 __all__ = [
     "PerSampleFallbackWarning",

@@ -54,8 +54,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ._capture import Capture, resolve_layout
-from .fallback import Runner, per_sample_accumulate
 from .._names import _canonical_parameters, canonical_name, unwrap_model
 from ..distributed import (
     all_reduce_sum,
@@ -65,6 +63,8 @@ from ..distributed import (
     is_dtensor,
     local_shard,
 )
+from ._capture import Capture, resolve_layout
+from .fallback import Runner, per_sample_accumulate
 from .rules import acc_dtype, accumulate, contributions
 
 __all__ = ["PerSampleFallbackWarning", "diagonal_fisher", "mas_importance"]

@@ -56,8 +56,8 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 from .._names import unwrap_model
 from ..ops import fused_linear_distillation
 from ..strategies import EWC, MAS, LwF
-from ..strategies.lwf import frozen_copy
 from ..strategies.base import check_strength
+from ..strategies.lwf import frozen_copy
 
 __all__ = [
     "IGNORE_INDEX",

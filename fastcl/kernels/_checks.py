@@ -7,7 +7,7 @@ these checks keep direct callers of the backend modules safe too. The codes are 
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 

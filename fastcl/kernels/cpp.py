@@ -17,7 +17,7 @@ and :func:`unavailable_reason` reports it to the dispatcher.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

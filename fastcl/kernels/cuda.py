@@ -18,7 +18,7 @@ and :func:`unavailable_reason` reports it to the dispatcher.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -29,7 +29,7 @@ import contextlib
 import importlib
 import os
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 

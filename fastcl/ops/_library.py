@@ -7,7 +7,7 @@ for a 200-tensor penalty, which is the hot path this package exists to make fast
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

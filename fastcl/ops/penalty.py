@@ -27,7 +27,7 @@ hidden copies of the inputs), and the two partial values are added.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -19,7 +19,8 @@ Coverage: a regularizer covers the parameters that were trainable
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -66,7 +66,7 @@ class SI(ImportanceRegularizer):
                 self._start[name] = p.detach().to(acc).clone()
 
     # ---------------------------------------------------------------- optimizer hooks
-    def attach(self, optimizer: torch.optim.Optimizer, scaler=None) -> "SI":
+    def attach(self, optimizer: torch.optim.Optimizer, scaler=None) -> SI:
         """Accumulate the path integral on every ``optimizer.step()`` (step pre/post hooks).
 
         With fp16 mixed precision pass the ``torch.amp.GradScaler``: the gradient that

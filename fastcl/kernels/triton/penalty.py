@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from functools import lru_cache
-from typing import Sequence
+from collections.abc import Sequence
+from functools import cache
 
 import torch
 import triton
@@ -164,7 +164,7 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -175,7 +175,7 @@ def _max_programs(device: torch.device) -> int:
     return _sm_count(device) * PROGRAMS_PER_SM
 
 
-_tables: "OrderedDict[tuple, tuple[torch.Tensor, int, bool]]" = OrderedDict()
+_tables: OrderedDict[tuple, tuple[torch.Tensor, int, bool]] = OrderedDict()
 
 
 def _chunk_table(lists, numels: Sequence[int], device: torch.device) -> tuple[torch.Tensor, int, bool]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from functools import lru_cache
+from functools import cache
 
 import torch
 import triton
@@ -117,7 +117,7 @@ def _interpreted() -> bool:
     return type(_sqgrad_kernel).__name__ == "InterpretedFunction"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
