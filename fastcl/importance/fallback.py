@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .rules import _pow
+from .contributions import power_of
 
 __all__ = ["Runner", "per_sample_accumulate"]
 
@@ -27,13 +27,15 @@ _BUDGET_BYTES = 64 * 2**20
 class Runner(nn.Module):
     """``forward(batch) = fwd(model, batch)``: makes a batch-level forward functional-callable."""
 
-    def __init__(self, model: nn.Module, fwd):
+    def __init__(self, model: nn.Module, fwd, output_fn=None):
         super().__init__()
         self.model = model
         self._fwd = fwd
+        self._output_fn = output_fn
 
     def forward(self, batch):
-        return self._fwd(self.model, batch)
+        outputs, targets = self._fwd(self.model, batch)
+        return (outputs if self._output_fn is None else self._output_fn(outputs)), targets
 
 
 def _split(batch, size):
@@ -61,6 +63,7 @@ def per_sample_accumulate(
     acc: dict[str, torch.Tensor],
     power: int,
     state: dict,
+    output_fn=None,
 ) -> None:
     """Add ``Σ_b Σ_variants |∇ℓ_b|^power`` into ``acc[name]`` for ``name in params``.
 
@@ -70,6 +73,8 @@ def per_sample_accumulate(
     when ``vmap`` failed, so later batches go straight to the loop.
     """
     leaves, spec, mask = _split(batch, size)
+    if output_fn is not None:
+        runner = Runner(runner.model, runner._fwd, output_fn)
     if not state.get("use_loop"):
         try:
             _vmap_accumulate(runner, params, leaves, spec, mask, size, variants, acc, power)
@@ -105,7 +110,7 @@ def _vmap_accumulate(runner, params, leaves, spec, mask, size, variants, acc, po
                 e = None if extra is None else tree_map(lambda t: t[start:stop], extra)
                 grads = fn(detached, sample_leaves, e)
                 for name, g in grads.items():
-                    acc[name] += _pow(g.to(acc[name].dtype), power).sum(0)
+                    acc[name] += power_of(g.to(acc[name].dtype), power).sum(0)
 
 
 def _loop_accumulate(runner, params, leaves, spec, mask, size, variants, acc, power):
@@ -121,4 +126,4 @@ def _loop_accumulate(runner, params, leaves, spec, mask, size, variants, acc, po
                 grads = torch.autograd.grad(value, tensors, allow_unused=True)
             for name, g in zip(names, grads):
                 if g is not None:
-                    acc[name] += _pow(g.to(acc[name].dtype), power)
+                    acc[name] += power_of(g.to(acc[name].dtype), power)

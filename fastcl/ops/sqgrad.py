@@ -3,10 +3,11 @@ r"""Per-sample squared-gradient accumulation for linear maps (the Fisher engine'
 For a linear map ``y[b,t,:] = W x[b,t,:]`` the gradient of sample ``b``'s loss with
 respect to ``W`` is ``Σ_t g[b,t,:] ⊗ x[b,t,:]`` where ``g = ∂loss/∂y``. This op adds
 
-    out[o, i] += Σ_b |Σ_t g[b,t,o] · x[b,t,i]|^p          (p = ``power``, 2 or 1)
+    norm="squared":  out[o, i] += Σ_b (Σ_t g[b,t,o] · x[b,t,i])²      (the Fisher's numerator)
+    norm="abs":      out[o, i] += Σ_b |Σ_t g[b,t,o] · x[b,t,i]|       (MAS: absolute values)
 
-``p = 2`` is the diagonal (empirical) Fisher numerator; ``p = 1`` is MAS's
-sum of absolute per-sample gradients.
+i.e. ``Σ_b |∇ℓ_b|^p`` with ``p = 2`` or ``p = 1``; the backend kernels take ``p`` as
+``power``.
 
 * No ``t`` dimension (or ``T = 1``): ``Σ_b (g_bo x_bi)² = ((g²)ᵀ (x²))_oi`` — one matmul,
   computed here directly for every backend (``|g|ᵀ|x|`` for ``p = 1``).
@@ -24,16 +25,14 @@ from __future__ import annotations
 
 import torch
 
+from .._dtypes import acc_dtype
 from ._dispatch import resolve
 from ._library import compiling, register
 
 __all__ = ["sqgrad", "sqgrad_reference"]
 
 _CHUNK_BYTES = 64 * 2**20
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+NORMS = {"squared": 2, "abs": 1}
 
 
 def sqgrad_reference(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor, power: int = 2) -> torch.Tensor:
@@ -53,15 +52,28 @@ def sqgrad_reference(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor, power:
     return out
 
 
-def sqgrad(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None, *, power: int = 2) -> torch.Tensor:
-    """Add ``Σ_b |Σ_t g[b,t,:] ⊗ x[b,t,:]|^power`` into ``out`` (``[O, I]``, float32) and return it.
+def sqgrad(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    norm: str = "squared",
+    power: int | None = None,
+) -> torch.Tensor:
+    """Add ``Σ_b (Σ_t g[b,t,:] ⊗ x[b,t,:])²`` (``norm="abs"``: ``Σ_b |…|``) into ``out`` and return it.
 
     ``x``: ``[B, I]`` or ``[B, T, I]`` layer inputs; ``g``: ``[B, O]`` or ``[B, T, O]``
-    gradients of the per-sample losses with respect to the layer outputs. ``out`` is
-    created (zeros) when ``None``.
+    gradients of the per-sample losses with respect to the layer outputs; any strides.
+    ``out``: ``[O, I]`` float32 (float64 for float64 inputs), created (zeros) when ``None``.
+    ``power`` (2 or 1) is the older spelling of ``norm`` ("squared" or "abs").
     """
-    if power not in (1, 2):
-        raise ValueError(f"power must be 1 or 2, got {power!r}")
+    if power is not None:
+        if power not in (1, 2) or isinstance(power, bool):
+            raise ValueError(f"power must be 2 (norm='squared') or 1 (norm='abs'), got {power!r}")
+        norm = "squared" if power == 2 else "abs"
+    if norm not in NORMS:
+        raise ValueError(f"norm must be 'squared' or 'abs', got {norm!r}")
+    power = NORMS[norm]
     if x.dim() not in (2, 3) or g.dim() != x.dim():
         raise ValueError(f"x and g must both be [B, I]/[B, O] or [B, T, I]/[B, T, O]; got {tuple(x.shape)} and {tuple(g.shape)}")
     if x.shape[:-1] != g.shape[:-1]:
@@ -72,7 +84,7 @@ def sqgrad(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None, *,
         raise TypeError(f"x and g must be floating point, got {x.dtype} and {g.dtype}")
     if g.dtype != x.dtype:
         g = g.to(x.dtype)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     O, I = g.shape[-1], x.shape[-1]
     if out is None:
         out = torch.zeros((O, I), dtype=acc, device=x.device)

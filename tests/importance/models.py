@@ -117,3 +117,88 @@ class TiedLM(nn.Module):
         if self.scale is not None:
             h = h * self.scale.exp()  # exp of a parameter has no per-sample rule: the fallback
         return self.head(h)
+
+
+# --------------------------------------------------------------------------- sample-dimension collisions
+
+
+class PositionTable(nn.Module):
+    """Tokens plus a learned position table, ``nn.Embedding(arange(T))`` or an ``nn.Parameter [T, d]``."""
+
+    def __init__(self, vocab=11, steps=6, d=8, classes=3, parameter=False):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.parameter = parameter
+        if parameter:
+            self.pos = nn.Parameter(torch.randn(steps, d) * 0.5)
+        else:
+            self.pos = nn.Embedding(steps, d)
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids):  # ids [B, T]
+        steps = ids.shape[-1]
+        pos = self.pos[:steps] if self.parameter else self.pos(torch.arange(steps, device=ids.device))
+        return self.head(torch.tanh(self.ln(self.tok(ids) + pos)).mean(-2))
+
+
+class SharedTable(nn.Module):
+    """A ``[T, d]`` buffer shared by all samples, fed to a Linear and added to the batch."""
+
+    def __init__(self, steps=6, d=5, classes=3):
+        super().__init__()
+        self.register_buffer("table", torch.randn(steps, d))
+        self.inp = nn.Linear(d, d)
+        self.proj = nn.Linear(d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):  # x [B, T, d]
+        return self.head(torch.tanh(self.inp(x) + self.proj(self.table)).mean(-2))
+
+
+class Prototypes(nn.Module):
+    """A parameter passed through a layer: ``features @ proj(prototypes)ᵀ`` (as many rows as classes)."""
+
+    def __init__(self, rows=6, d_in=4, d=5):
+        super().__init__()
+        self.prototypes = nn.Parameter(torch.randn(rows, d))
+        self.proj = nn.Linear(d, d)
+        self.enc = nn.Linear(d_in, d)
+
+    def forward(self, x):  # x [B, d_in]
+        return torch.tanh(self.enc(x)) @ self.proj(self.prototypes).t()
+
+
+class SequenceFirst(nn.Module):
+    """Custom code that works on ``[T, B, F]``: transpose, Linear, bias parameter, LayerNorm, mean over T."""
+
+    def __init__(self, d=5, classes=3):
+        super().__init__()
+        self.a = nn.Linear(d, d)
+        self.bias = nn.Parameter(torch.randn(d) * 0.3)
+        self.ln = nn.LayerNorm(d)
+        self.b = nn.Linear(d, classes)
+
+    def forward(self, x):  # x [B, T, d]
+        h = self.a(x.transpose(0, 1)) + self.bias  # [T, B, d]
+        return self.b(torch.tanh(self.ln(h)).mean(0))
+
+
+def tiny_gpt2(vocab=40, d=16, layers=2, positions=16):
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=vocab, n_embd=d, n_layer=layers, n_head=2, n_positions=positions,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def tiny_llama(vocab=40, d=16, layers=1):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2,
+    )
+    return transformers.LlamaForCausalLM(config)

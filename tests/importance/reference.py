@@ -5,6 +5,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
 
 from fastcl.importance import canonical_name
 
@@ -82,3 +83,30 @@ def assert_matches(result, reference, rtol=1e-8, atol=1e-12, names=None):
     assert set(result) == set(names), (sorted(result), sorted(names))
     for n in names:
         torch.testing.assert_close(result[n].double(), reference[n], rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
+def vmap_importance(model, batches, sample_loss, power=2):
+    """``(1/N) Σ_n |∇ sample_loss|^power`` with per-sample gradients from ``torch.func.vmap(grad(...))``.
+
+    ``batches``: tuples of batched tensors; ``sample_loss(model, *sample)`` as for
+    :func:`per_sample_importance` (each sample tensor gets its leading dim of 1 back).
+    """
+    named = _params(model)
+    raw = {n: p.detach() for n, p in model.named_parameters()}
+    canon = {n: canonical_name(n) for n in raw}
+    out = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in named}
+
+    def loss(params, *sample):
+        def call(*args, **kwargs):
+            return functional_call(model, params, args, kwargs)
+
+        return sample_loss(call, *(t.unsqueeze(0) for t in sample))
+
+    count = 0
+    for batch in batches:
+        grads = vmap(grad(loss), in_dims=(None, *[0] * len(batch)))(raw, *batch)
+        for n, g in grads.items():
+            if canon[n] in out:
+                out[canon[n]] += (g.square() if power == 2 else g.abs()).sum(0).double()
+        count += batch[0].shape[0]
+    return {n: v / count for n, v in out.items()}

@@ -1,7 +1,8 @@
-"""Per-sample rule for parameters used through a broadcast ``w * x`` / ``x + w`` / ``x - w``.
+"""Parameters used directly in Python: ``w * x``, ``x + w``, ``x - w``, products of parameters, in place.
 
 Every result is checked against a float64 per-sample loop (batch of one, autograd, square
-or abs, mean). Supported uses must not warn; unsupported ones must take the exact fallback.
+or abs, mean). These uses are followed to where they meet the batch and must not warn; a
+use whose result depends on a sample's position in the batch must take the exact fallback.
 """
 from __future__ import annotations
 
@@ -308,84 +309,41 @@ class TwoParameters(nn.Module):
         return self.head(torch.tanh(h)) * (self.a * self.b)[:CLASSES].sum()
 
 
-def _fallback_matches(model, x, y, sizes, expected, params=None):
-    ref = per_sample_importance(model, split(x, y), cross_entropy_loss)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        got = diagonal_fisher(model, _batches(x, y, sizes), params=params)
-    assert_matches(got, ref, names=params)
-    text = " ".join(str(w.message) for w in record if issubclass(w.category, PerSampleFallbackWarning))
-    for name in expected:
-        assert name in text, (name, text)
-    assert "head.weight" not in text and "inp.weight" not in text  # the others keep their rules
+def test_parameter_spanning_the_batch_takes_the_fallback():
+    """Row ``b`` of a batch of 4 meets ``w[b]``: its loss depends on its position in the batch.
 
-
-def test_parameter_spanning_the_batch_falls_back():
+    A sample on its own (the reference, the fallback) broadcasts to all 4 rows instead. No
+    per-sample rule computes that, so ``w`` takes the exact fallback, named in the warning.
+    """
     gen = torch.Generator().manual_seed(13)
     torch.manual_seed(14)
     model = float64_copy(PerRowParameter(rows=4))
     x = torch.randn(4, 5, generator=gen, dtype=torch.float64)
     y = torch.randint(0, CLASSES, (4,), generator=gen)
     # only ``w``: the other layers' batched and single-sample semantics differ in this model
-    _fallback_matches(model, x, y, [4], ["w"], params=["w"])
+    ref = per_sample_importance(model, split(x, y), cross_entropy_loss)
+    with pytest.warns(PerSampleFallbackWarning, match="w .*position in the batch"):
+        got = diagonal_fisher(model, _batches(x, y, [4]), params=["w"])
+    assert_matches(got, ref, names=["w"])
 
 
-def test_broadcast_in_the_middle_falls_back():
+@pytest.mark.parametrize("model_cls, shape", [(MiddleBroadcast, (5, 3, 5)), (InPlace, (5, 5))],
+                         ids=["broadcast_in_the_middle", "in_place"])
+def test_other_elementwise_uses_are_exact_without_fallback(model_cls, shape):
+    """``w [C, 1] * x [B, C, L]`` and ``h.mul_(w)``, ``h += b``: followed to where they meet the batch."""
     gen = torch.Generator().manual_seed(15)
     torch.manual_seed(16)
-    model = float64_copy(MiddleBroadcast())
-    x = torch.randn(5, 3, 5, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, CLASSES, (5,), generator=gen)
-    _fallback_matches(model, x, y, [3, 2], ["w"])
+    model = float64_copy(model_cls())
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, CLASSES, (shape[0],), generator=gen)
+    _fisher_matches(model, x, y, [3, 2])
 
 
-def test_in_place_uses_fall_back():
-    gen = torch.Generator().manual_seed(17)
-    torch.manual_seed(18)
-    model = float64_copy(InPlace())
-    x = torch.randn(5, 5, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, CLASSES, (5,), generator=gen)
-    _fallback_matches(model, x, y, [3, 2], ["w", "b"])
-
-
-def test_product_of_two_parameters_falls_back():
+def test_product_of_two_parameters_and_an_untracked_one():
+    """``a * b`` (both tracked), ``scale * frozen`` with ``frozen`` (4 rows == B) left out of the pass."""
     gen = torch.Generator().manual_seed(19)
     torch.manual_seed(20)
     model = float64_copy(TwoParameters(rows=4))
     x = torch.randn(4, 5, generator=gen, dtype=torch.float64)
     y = torch.randint(0, CLASSES, (4,), generator=gen)
-    # ``frozen`` is left out of the pass: ``scale * frozen`` has 4 == B rows but no sample dim
-    _fallback_matches(model, x, y, [4], ["a", "b", "scale"], params=["a", "b", "scale", "head.weight", "head.bias"])
-
-
-# --------------------------------------------------------------------------- Hugging Face Llama
-
-
-def test_tiny_llama_needs_no_fallback():
-    transformers = pytest.importorskip("transformers")
-    from fastcl.integrations.hf import causal_lm_forward, causal_lm_per_sequence_loss
-
-    torch.manual_seed(21)
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2,
-    )
-    model = transformers.LlamaForCausalLM(config).double().eval()
-    gen = torch.Generator().manual_seed(22)
-    ids = torch.randint(0, 64, (5, 7), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, 4:] = 0  # right padding
-    mask[3, 6:] = 0
-    batches = [{"input_ids": ids[:3], "attention_mask": mask[:3]}, {"input_ids": ids[3:], "attention_mask": mask[3:]}]
-
-    def sequence_loss(model, ids, mask):
-        logits, targets = causal_lm_forward(model, {"input_ids": ids, "attention_mask": mask})
-        return causal_lm_per_sequence_loss(logits, targets)[0]
-
-    ref = per_sample_importance(model, split(ids, mask), sequence_loss)
-    got = _no_fallback(diagonal_fisher, model, batches, causal_lm_per_sequence_loss, forward=causal_lm_forward)
-    norms = [n for n in got if "norm" in n]
-    assert len(norms) == 3  # two per decoder layer and the final norm: now on the rule
-    assert_matches(got, ref, rtol=1e-8, atol=1e-12)
-    for name in norms:
-        assert ref[name].abs().max() > 0, name
+    _fisher_matches(model, x, y, [4], params=["a", "b", "scale", "head.weight", "head.bias"])

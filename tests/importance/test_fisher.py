@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcl.importance import diagonal_fisher
+from fastcl.importance import diagonal_fisher, mas_importance
 
 from . import models
 from .reference import (
@@ -14,6 +14,7 @@ from .reference import (
     cross_entropy_loss,
     exact_fisher,
     float64_copy,
+    mas_loss,
     per_sample_importance,
     split,
 )
@@ -301,3 +302,93 @@ def test_pass_leaves_no_autograd_graph_alive():
     ref = run()
     gc.collect()
     assert ref() is None
+
+
+# --------------------------------------------------------------------------- labels, targets, outputs
+
+
+def test_ignored_labels_are_not_samples():
+    """Label -100 has no loss and is not counted: partly ignored data does not dilute the Fisher."""
+    torch.manual_seed(3)
+    model = float64_copy(models.mlp())
+    x, y = _data(9, seed=3)
+    y_ignored = y.clone()
+    y_ignored[[1, 4, 8]] = -100
+    keep = y_ignored != -100
+    ref = per_sample_importance(model, split(x[keep], y[keep]), cross_entropy_loss)
+    assert_matches(diagonal_fisher(model, _chunks(x, y_ignored, [5, 4])), ref)
+    with pytest.raises(ValueError, match="ignore index -100"):
+        diagonal_fisher(model, [(x, torch.full_like(y, -100))])
+
+
+def test_sequences_without_targets_are_not_samples():
+    """Per-sequence losses with [B, S] integer targets: a sequence whose targets are all -100 does not count."""
+    torch.manual_seed(4)
+    model = float64_copy(nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7)))
+    x = torch.randint(0, 7, (5, 3))
+    t = torch.randint(0, 7, (5, 3))
+    t[2] = -100
+
+    def loss_fn(logits, targets):
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=-100)
+        return nll.sum(1)
+
+    got = diagonal_fisher(model, [(x, t)], loss_fn)
+    keep = torch.tensor([0, 1, 3, 4])
+    ref = per_sample_importance(model, split(x[keep], t[keep]), lambda m, xs, ts: loss_fn(m(xs), ts).sum())
+    assert_matches(got, ref)
+
+
+def test_float_targets_need_a_loss_fn_and_the_documented_squared_error_works():
+    torch.manual_seed(5)
+    model = float64_copy(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)))
+    x = torch.randn(7, 4, dtype=torch.float64)
+    y = torch.randn(7, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="loss_fn=.*square"):
+        diagonal_fisher(model, [(x, y)])
+    with pytest.raises(TypeError, match="loss_fn"):
+        diagonal_fisher(model, [(x, y[:, 0])])  # one output: would have given a Fisher of 0
+
+    def squared_error(out, target):
+        return 0.5 * (out - target).square().flatten(1).sum(1)
+
+    ref = per_sample_importance(model, split(x, y), lambda m, xs, ys: squared_error(m(xs), ys).sum())
+    assert_matches(diagonal_fisher(model, _chunks(x, y, [4, 3]), squared_error), ref)
+
+
+def test_labels_out_of_range_name_the_label_and_the_classes():
+    x, y = _data(4, classes=4, dtype=torch.float32)
+    y[2] = 7
+    with pytest.raises(ValueError, match="label 7, outside \\[0, 4\\) for logits with 4 classes"):
+        diagonal_fisher(models.mlp(), [(x, y)])
+    y[2] = -3
+    with pytest.raises(ValueError, match="label -3"):
+        diagonal_fisher(models.mlp(), [(x, y)])
+
+
+class _TupleOut(nn.Module):
+    def __init__(self, as_dict=False):
+        super().__init__()
+        self.net, self.as_dict = models.mlp(), as_dict
+
+    def forward(self, x):
+        logits = self.net(x)
+        return {"logits": logits, "hidden": x} if self.as_dict else (logits, x)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_model_outputs_that_are_not_a_tensor(as_dict):
+    torch.manual_seed(6)
+    model = float64_copy(_TupleOut(as_dict))
+    x, y = _data(6, seed=6)
+    with pytest.raises(TypeError, match="output_fn"):
+        diagonal_fisher(model, [(x, y)])
+    with pytest.raises(TypeError, match="output_fn"):
+        mas_importance(model, [x])
+    pick = (lambda out: out["logits"]) if as_dict else (lambda out: out[0])
+    ref = per_sample_importance(model.net, split(x, y), cross_entropy_loss)
+    assert_matches(diagonal_fisher(model, [(x, y)], output_fn=pick), {f"net.{k}": v for k, v in ref.items()})
+    mas_ref = per_sample_importance(model.net, split(x), mas_loss, power=1)
+    assert_matches(mas_importance(model, [x], output_fn=pick), {f"net.{k}": v for k, v in mas_ref.items()})
+    with pytest.raises(TypeError, match="output_fn must be callable"):
+        diagonal_fisher(model, [(x, y)], output_fn="logits")
