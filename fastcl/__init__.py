@@ -9,7 +9,7 @@ from . import scenarios
 from ._version import __version__
 from .data import balanced_sampler, class_counts, class_weights
 from .finetune import GradualUnfreezer, freeze, layerwise_lr_groups, trainable_parameters, unfreeze
-from .importance import PerSampleFallbackWarning, canonical_name, diagonal_fisher, mas_importance, named_trainable_parameters
+from .importance import PerSampleFallbackWarning, canonical_name, diagonal_fisher, mas_importance, named_trainable_parameters, register_rule
 from .metrics import AccuracyMatrix
 from .ops import BackendUnavailableError, backend_info, distillation_loss, fused_linear_distillation, use_backend
 from .strategies import EWC, L1SP, L2SP, MAS, SI, LwF
@@ -26,6 +26,7 @@ __all__ = [
     "diagonal_fisher",
     "mas_importance",
     "named_trainable_parameters",
+    "register_rule",
     "EWC",
     "L1SP",
     "L2SP",
