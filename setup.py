@@ -176,9 +176,12 @@ def extensions() -> list[Extension]:
     if not _env_off("FASTCL_BUILD_CPP"):
         exts.append(Extension(
             "fastcl._C",
-            sources=[os.path.join(CPU_DIR, f) for f in ("bindings.cpp", "penalty.cpp", "distill.cpp", "distill_avx2.cpp", "distill_avx512.cpp")],
+            sources=[os.path.join(CPU_DIR, f) for f in ("bindings.cpp", "penalty.cpp", "distill.cpp", "distill_avx2.cpp",
+                                                         "distill_avx512.cpp", "sqgrad.cpp", "sqgrad_avx2.cpp",
+                                                         "sqgrad_avx512.cpp")],
             include_dirs=[CPU_DIR],
-            depends=[os.path.join(CPU_DIR, f) for f in ("dtypes.h", "kernels.h", "distill_isa.h", "distill_impl.inc")],
+            depends=[os.path.join(CPU_DIR, f) for f in ("dtypes.h", "kernels.h", "distill_isa.h", "distill_impl.inc",
+                                                        "sqgrad_isa.h", "sqgrad_impl.inc")],
             language="c++",
         ))
     if not _env_off("FASTCL_BUILD_CUDA") and find_nvcc() is not None:

@@ -59,6 +59,16 @@ void distill(uintptr_t student, uintptr_t teacher, uintptr_t mask, uintptr_t row
                         reinterpret_cast<void*>(grad), rows, vocab, dtype, temperature, num_threads, isa);
 }
 
+void sqgrad(uintptr_t x, uintptr_t g, uintptr_t out, int64_t B, int64_t T, int64_t I, int64_t O,
+            const std::vector<int64_t>& x_strides, const std::vector<int64_t>& g_strides, int dtype, int power,
+            int num_threads, int isa) {
+    if (x_strides.size() != 3 || g_strides.size() != 3) throw std::invalid_argument("sqgrad: strides must have 3 entries");
+    if (power != 1 && power != 2) throw std::invalid_argument("sqgrad: power must be 1 or 2");
+    py::gil_scoped_release no_gil;
+    fastcl::sqgrad_cpu(reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(g), reinterpret_cast<float*>(out),
+                       B, T, I, O, x_strides.data(), g_strides.data(), dtype, power, num_threads, isa);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -76,6 +86,11 @@ PYBIND11_MODULE(_C, m) {
           "Per row: row_loss = T²·KL(softmax(t/T) ‖ softmax(s/T)) (float32), grad = T·(softmax(s/T) − "
           "softmax(t/T)) in the logits' dtype; mask address 0 = no mask, else uint8 per row. isa: -1 = the widest "
           "variant this CPU supports, else 0 baseline, 1 avx2, 2 avx512 (for tests).");
+    m.def("sqgrad", &sqgrad, py::arg("x"), py::arg("g"), py::arg("out"), py::arg("B"), py::arg("T"), py::arg("I"),
+          py::arg("O"), py::arg("x_strides"), py::arg("g_strides"), py::arg("dtype"), py::arg("power"),
+          py::arg("num_threads"), py::arg("isa") = -1,
+          "out[o, i] += Σ_b |Σ_t g[b,t,o]·x[b,t,i]|^power into float32 out [O, I]; x [B, T, I], g [B, T, O] "
+          "with element strides; power 2 or 1; dtype codes as for penalty; isa as for distill.");
     m.def("distill_isa", [] {
         static const char* names[] = {"baseline", "avx2", "avx512"};
         return std::string(names[fastcl::distill_isa()]);

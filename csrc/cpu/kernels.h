@@ -30,4 +30,12 @@ void distill_cpu(const void* student, const void* teacher, const uint8_t* mask, 
 // The distillation variant in use: 0 baseline (x86-64-v2 or non-x86), 1 AVX2+FMA, 2 AVX-512.
 int distill_isa();
 
+// out[o, i] += Σ_b |Σ_t g[b,t,o]·x[b,t,i]|^power (power 2 or 1), out [O, I] float32 contiguous;
+// x [B, T, I] and g [B, T, O] in `dtype` with element strides x_strides/g_strides (3 each).
+// Deterministic for any thread count. isa as for distill_cpu (-1: the widest supported).
+void sqgrad_cpu(const void* x, const void* g, float* out, int64_t B, int64_t T, int64_t I, int64_t O,
+                const int64_t* x_strides, const int64_t* g_strides, int dtype, int power, int num_threads,
+                int isa = -1);
+int sqgrad_tile_cols(int isa = -1);
+
 }  // namespace fastcl

@@ -163,22 +163,27 @@ class _Handling:
 class Capture(TorchFunctionMode):
     """Records the :class:`Use` s and :class:`Boundary` s of one forward pass.
 
-    ``tracked``: ``{id(parameter): canonical name}``; ``tracer``: the provenance tracer
-    (``None`` for a batch of one sample, where every tensor belongs to that sample);
-    ``sink(use, call, saved, g)``: called from the backward of batched uses;
-    ``on_boundary(boundary, grad)``: called by the hooks on boundary results.
+    ``tracked``: ``{id(parameter): canonical name}``; ``sink(use, call, saved, g)``: called
+    from the backward of batched uses; ``on_boundary(boundary, grad)``: called by the hooks on
+    boundary results. :meth:`begin` starts each batch with its provenance tracer (``None``
+    for a batch of one sample, where every tensor belongs to that sample).
     """
 
-    def __init__(self, tracked: dict[int, str], tracer, sink, on_boundary):
+    def __init__(self, tracked: dict[int, str], sink, on_boundary):
         super().__init__()
-        self.tracked, self.tracer = tracked, tracer
+        self.tracked = tracked
         self.sink, self.on_boundary = sink, on_boundary
+        self._mha_impl = self._instrumented_mha()
+        self.begin(None)
+
+    def begin(self, tracer) -> None:
+        """Start a batch with ``tracer`` (``None``: one sample, or between batches); forget the last one."""
+        self.tracer = tracer
         self.uses: list[Use] = []
         self.boundaries: list[Boundary] = []
         self.unprovable: dict = {} if tracer is None else tracer.unprovable
         self._keys = itertools.count()
         self._handling = _Handling(tracer)
-        self._mha_impl = self._instrumented_mha()
 
     # ------------------------------------------------------------------ helpers
 
@@ -212,14 +217,18 @@ class Capture(TorchFunctionMode):
     def handle(self, func, args, kwargs):
         if not torch.is_grad_enabled():
             return func(*args, **kwargs)
-        found = False
+        carrying_tensors = []
         for t in tensor_leaves(args, kwargs):
             tag = self._tag(t)
             if isinstance(tag, Shared) and tag.deps:
-                found = True
-                break
-        if not found:
+                carrying_tensors.append((t, tag))
+        if not carrying_tensors:
             return func(*args, **kwargs)
+        rule = rule_for(func)
+        if rule is not None:
+            out = self._use(rule, func, args, kwargs, carrying_tensors)
+            if out is not NotImplemented:
+                return out
         leaves, spec = tree_flatten((args, kwargs))
         carrying = []
         for i, t in enumerate(leaves):
@@ -227,22 +236,17 @@ class Capture(TorchFunctionMode):
                 tag = self._tag(t)
                 if isinstance(tag, Shared) and tag.deps:
                     carrying.append((i, tag))
-        rule = rule_for(func)
-        if rule is not None:
-            out = self._use(rule, func, args, kwargs, leaves, carrying)
-            if out is not NotImplemented:
-                return out
         return self._boundary(func, args, kwargs, leaves, spec, carrying)
 
     # ------------------------------------------------------------------ recognised ops
 
-    def _use(self, rule, func, args, kwargs, leaves, carrying):
+    def _use(self, rule, func, args, kwargs, carrying):
         call = rule.parse(args, kwargs)
         if call is None:
             return NotImplemented
         if isinstance(call, str):
             out = func(*args, **kwargs)
-            self._unprovable(set().union(*(t.deps for _, t in carrying)), call)
+            self._unprovable(set().union(*(tag.deps for _, tag in carrying)), call)
             return out
         slots = {}
         slot_ids = set()
@@ -254,8 +258,7 @@ class Capture(TorchFunctionMode):
                     slots[slot] = name
         if not slots:
             return NotImplemented
-        for i, tag in carrying:
-            t = leaves[i]
+        for t, tag in carrying:
             if t is call.x:
                 continue  # a shared input carrying tracked values: its deps follow the output
             if id(t) not in slot_ids or self.tracked.get(id(t)) is None:

@@ -3,9 +3,10 @@ r"""Per-sample gradient contributions and their accumulation into ``Σ_b |∇ℓ
 A rule describes the per-sample gradient ``∇_θ ℓ_b`` that one use of a parameter
 contributes, in the cheapest form that determines it:
 
-* :class:`Factored` — ``∇ℓ_b = Σ_t g[b,t]ᵀ x[b,t]`` per group (linear maps, convolutions via
-  im2col): never materialised for a single use; ``Σ_b |∇ℓ_b|^p`` comes from
-  :func:`fastcl.ops.sqgrad`.
+* :class:`Factored` — ``∇ℓ_b = Σ_t g[b,t]ᵀ x[b,t]`` (linear maps): never materialised for a
+  single use; ``Σ_b |∇ℓ_b|^p`` comes from :func:`fastcl.ops.sqgrad`.
+* :class:`ConvGrads` — convolutions: per-sample weight gradients from one grouped
+  convolution per chunk of samples (small: ``|W|`` per sample), raised to ``p`` and summed.
 * :class:`Dense` — ``∇ℓ_b`` itself, ``[B, numel]`` (biases, norm scales, parameters used
   through elementwise products or sums: small).
 * :class:`Sparse` — rows ``(b, row, value)`` of ``∇ℓ_b`` for an embedding table (only rows
@@ -25,11 +26,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..ops.sqgrad import sqgrad
 
-__all__ = ["ConvFactored", "Dense", "Factored", "LinearFactored", "Sparse", "accumulate", "coalesce", "power_of"]
+__all__ = ["ConvGrads", "Dense", "Factored", "Sparse", "accumulate", "coalesce", "power_of"]
 
 _BUDGET_BYTES = 64 * 2**20  # ceiling for the per-sample buffers of one chunk ...
 _MIN_BUDGET_BYTES = 2**20  # ... which otherwise stay within the layer's own activation size
@@ -41,74 +41,63 @@ def power_of(t: torch.Tensor, power: int) -> torch.Tensor:
 
 
 class Factored:
-    """Per-sample gradient ``[G, O, I]`` (``G`` groups) = ``Σ_t g[b,g,t,:]ᵀ x[b,g,t,:]``."""
+    """Per-sample gradient ``[O, I]`` = ``Σ_t g[b,t,:]ᵀ x[b,t,:]`` with ``x [B, T, I]``, ``g [B, T, O]`` (any strides)."""
 
-    groups: int
-    rows: int
-    cols: int
-    batch: int
+    def __init__(self, x: torch.Tensor, g: torch.Tensor):
+        self.x, self.g = x, g
+        self.rows, self.cols, self.batch = g.shape[-1], x.shape[-1], x.shape[0]
 
     def sample_bytes(self) -> int:
-        """Bytes one sample costs in :meth:`take` (for chunking)."""
-        raise NotImplementedError
+        """Bytes one sample costs in :meth:`take` (for chunking): views only."""
+        return 0
 
     def take(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x [n, G, T, I]`` and ``g [n, G, T, O]`` for samples ``start:stop``."""
-        raise NotImplementedError
+        return self.x[start:stop], self.g[start:stop]
 
     def activation_bytes(self) -> int:
         """Bytes of the layer input and output gradient, which exist anyway during backward."""
         return self.x.numel() * self.x.element_size() + self.g.numel() * self.g.element_size()
 
 
-class LinearFactored(Factored):
-    """``x [B, T, I]``, ``g [B, T, O]`` (any strides)."""
+class ConvGrads:
+    """Per-sample convolution weight gradients, produced in chunks of samples, never all at once.
 
-    def __init__(self, x: torch.Tensor, g: torch.Tensor):
-        self.x, self.g = x, g
-        self.groups, self.rows, self.cols, self.batch = 1, g.shape[-1], x.shape[-1], x.shape[0]
-
-    def sample_bytes(self) -> int:
-        return 0
-
-    def take(self, start, stop):
-        return self.x[start:stop].unsqueeze(1), self.g[start:stop].unsqueeze(1)
-
-
-class ConvFactored(Factored):
-    """Convolution of ``M`` images per sample: ``x [B, M, C, *spatial]``, ``g [B, M, O, *out]``.
-
-    ``x`` is the (padded) input; its im2col is built per chunk of samples, one unfold for the
-    whole chunk, laid out ``[n, G, M·L, C/G·K]`` so that ``t`` runs over images and positions.
+    ``x [B, M, C, *spatial]`` (``M`` images per sample, zero padding already applied where it is
+    asymmetric), ``g [B, M, O, *out]``. For samples ``start:stop`` the per-image gradients are the
+    weight gradient of one grouped convolution whose groups are the images (``groups = n·M·G``):
+    ``[n·M·O, C/G, *K]``, summed over each sample's ``M`` images. Same cost as a plain weight
+    gradient; memory ``n·|W|`` per chunk.
     """
 
-    def __init__(self, x, g, weight_shape, stride, pads, dilation, groups):
+    def __init__(self, x, g, weight_shape, stride, padding, dilation, groups):
         self.x, self.g = x, g
-        self.kernel = tuple(weight_shape[2:])
-        self.stride, self.dilation, self.groups, self.pads = stride, dilation, groups, pads
-        self.rows = weight_shape[0] // groups
-        self.cols = weight_shape[1] * math.prod(self.kernel)
-        self.images = x.shape[1]
-        self.positions = math.prod(g.shape[3:])
-        self.batch = x.shape[0]
+        self.weight_shape, self.stride, self.padding = tuple(weight_shape), list(stride), list(padding)
+        self.dilation, self.groups = list(dilation), groups
+        self.batch, self.images = x.shape[0], x.shape[1]
+        self.numel = math.prod(self.weight_shape)
 
     def sample_bytes(self) -> int:
-        # the unfolded chunk, plus its transposed copy for the kernel
-        return 2 * self.cols * self.groups * self.images * self.positions * self.x.element_size()
+        return 2 * self.images * self.numel * 4
 
-    def take(self, start, stop):
-        n = stop - start
-        x = self.x[start:stop].reshape(n * self.images, *self.x.shape[2:])
-        if any(self.pads):
-            x = F.pad(x, self.pads)
-        cols = unfold(x, self.kernel, self.dilation, self.stride)  # [n·M, C·K, L]
-        L = cols.shape[-1]
-        if L != self.positions:
-            raise RuntimeError(f"internal error: unfolded {L} positions, the convolution output has {self.positions}")
-        G, M = self.groups, self.images
-        xg = cols.view(n, M, G, self.cols, L).permute(0, 2, 1, 4, 3).reshape(n, G, M * L, self.cols)
-        gg = self.g[start:stop].reshape(n, M, G, self.rows, L).permute(0, 2, 1, 4, 3).reshape(n, G, M * L, self.rows)
-        return xg, gg
+    def activation_bytes(self) -> int:
+        return self.x.numel() * self.x.element_size() + self.g.numel() * self.g.element_size()
+
+    def dense(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """``[n, |W|]`` per-sample gradients of samples ``start:stop`` in ``dtype``."""
+        n, m = stop - start, self.images
+        x = self.x[start:stop].to(dtype)
+        g = self.g[start:stop].to(dtype)
+        images = n * m
+        x = x.reshape(1, images * x.shape[2], *x.shape[3:])
+        g = g.reshape(1, images * g.shape[2], *g.shape[3:])
+        o, c_per_group = self.weight_shape[0], self.weight_shape[1]
+        weight = x.new_empty(()).expand(images * o, c_per_group, *self.weight_shape[2:])
+        grads = torch.ops.aten.convolution_backward(
+            g, x, weight, None, self.stride, self.padding, self.dilation, False, [0] * len(self.stride),
+            images * self.groups, [False, True, False],
+        )[1]
+        grads = grads.reshape(n, m, self.numel)
+        return grads[:, 0] if m == 1 else grads.sum(1)
 
 
 @dataclass
@@ -133,22 +122,6 @@ def coalesce(sample, row, values, num_rows) -> Sparse:
     return Sparse(uniq // num_rows, uniq % num_rows, summed, num_rows)
 
 
-def unfold(x: torch.Tensor, kernel, dilation, stride) -> torch.Tensor:
-    """im2col: ``[n, C, *spatial]`` -> ``[n, C·K, L]``, rows ordered (channel, kernel offsets)."""
-    nd = len(kernel)
-    if nd == 2:
-        return F.unfold(x, kernel, dilation=dilation, stride=stride)
-    if nd == 1:
-        return F.unfold(x.unsqueeze(2), (1, kernel[0]), dilation=(1, dilation[0]), stride=(1, stride[0]))
-    n, c = x.shape[:2]
-    for i in range(nd):
-        x = x.unfold(2 + i, dilation[i] * (kernel[i] - 1) + 1, stride[i])
-    x = x[(Ellipsis, *(slice(None, None, d) for d in dilation))]  # [n, C, *out, *kernel]
-    out_sizes = x.shape[2:2 + nd]
-    perm = [0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd)]
-    return x.permute(perm).reshape(n, c * math.prod(kernel), math.prod(out_sizes))
-
-
 # --------------------------------------------------------------------------- accumulation
 
 
@@ -160,8 +133,11 @@ def accumulate(items: list, out: torch.Tensor, power: int) -> None:
     factored = [c for c in items if isinstance(c, Factored)]
     dense = [c for c in items if isinstance(c, Dense)]
     sparse = [c for c in items if isinstance(c, Sparse)]
-    same_factored = len({(c.groups, c.rows, c.cols) for c in factored}) <= 1
-    if factored and not dense and not sparse and same_factored:
+    lazy = [c for c in items if isinstance(c, ConvGrads)]
+    same_factored = len({(c.rows, c.cols) for c in factored}) <= 1
+    if lazy:
+        _accumulate_dense(items, out, power, batch)
+    elif factored and not dense and not sparse and same_factored:
         _accumulate_factored(factored, out, power, batch)
     elif dense and not factored and not sparse:
         total = dense[0].values if len(dense) == 1 else sum(c.values for c in dense)
@@ -169,8 +145,7 @@ def accumulate(items: list, out: torch.Tensor, power: int) -> None:
     elif sparse and not factored and not dense:
         sp = sparse[0] if len(sparse) == 1 else _merge(sparse)
         out.view(sp.num_rows, -1).index_add_(0, sp.row, power_of(sp.values.to(out.dtype), power))
-    elif (sparse and factored and not dense and same_factored and factored[0].groups == 1
-          and all(isinstance(c, LinearFactored) for c in factored)):
+    elif sparse and factored and not dense and same_factored:
         _accumulate_factored(factored, out, power, batch)
         _sparse_correction(factored, _merge(sparse), out, power)
     else:
@@ -179,7 +154,7 @@ def accumulate(items: list, out: torch.Tensor, power: int) -> None:
 
 def _batch_of(items) -> int:
     for c in items:
-        if isinstance(c, Factored):
+        if isinstance(c, (Factored, ConvGrads)):
             return c.batch
         if isinstance(c, Dense):
             return c.values.shape[0]
@@ -204,23 +179,12 @@ def _chunk(per_sample_bytes: int, batch: int, activation_bytes: int) -> int:
 
 
 def _accumulate_factored(items, out, power, batch):
-    first = items[0]
-    groups, rows, cols = first.groups, first.rows, first.cols
-    per_sample = sum(c.sample_bytes() for c in items)
-    if groups > 1:
-        per_sample += groups * rows * cols * out.element_size()
-    chunk = _chunk(per_sample, batch, sum(c.activation_bytes() for c in items)) if per_sample else batch
-    out3 = out.view(groups, rows, cols)
-    for start in range(0, batch, chunk):
-        stop = min(batch, start + chunk)
-        parts = [c.take(start, stop) for c in items]
-        x = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=2)
-        g = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=2)
-        if groups == 1:
-            sqgrad(x[:, 0], g[:, 0], out3[0], norm="squared" if power == 2 else "abs")
-        else:
-            per = torch.einsum("bgti,bgto->bgoi", x.to(out.dtype), g.to(out.dtype))
-            out3.add_(power_of(per, power).sum(0))
+    if len(items) == 1:
+        sqgrad(items[0].x, items[0].g, out, norm="squared" if power == 2 else "abs")
+        return
+    x = torch.cat([c.x for c in items], dim=1)
+    g = torch.cat([c.g for c in items], dim=1)
+    sqgrad(x, g, out, norm="squared" if power == 2 else "abs")
 
 
 def _sparse_correction(factored, sp: Sparse, out, power):
@@ -255,23 +219,30 @@ def _sparse_correction(factored, sp: Sparse, out, power):
 
 
 def _accumulate_dense(items, out, power, batch):
-    """Mixed contribution kinds: materialise per-sample gradients in bounded chunks."""
+    """Mixed contribution kinds (or convolutions): per-sample gradients in bounded chunks of samples."""
     numel = out.numel()
-    per_sample = numel * out.element_size() * 2 + sum(c.sample_bytes() for c in items if isinstance(c, Factored))
-    chunk = _chunk(per_sample, batch, sum(c.activation_bytes() for c in items if isinstance(c, Factored)))
+    lazy = (Factored, ConvGrads)
+    per_sample = numel * out.element_size() * 2 + sum(c.sample_bytes() for c in items if isinstance(c, lazy))
+    chunk = _chunk(per_sample, batch, sum(c.activation_bytes() for c in items if isinstance(c, lazy)))
     flat = out.view(-1)
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)
         n = stop - start
         dense = torch.zeros((n, numel), dtype=out.dtype, device=out.device)
         for c in items:
-            if isinstance(c, Factored):
+            if isinstance(c, ConvGrads):
+                if len(items) == 1:
+                    flat.add_(power_of(c.dense(start, stop, out.dtype), power).sum(0))
+                    continue
+                dense += c.dense(start, stop, out.dtype)
+            elif isinstance(c, Factored):
                 x, g = c.take(start, stop)
-                dense += torch.einsum("bgti,bgto->bgoi", x.to(out.dtype), g.to(out.dtype)).reshape(n, -1)
+                dense += torch.einsum("bti,bto->boi", x.to(out.dtype), g.to(out.dtype)).reshape(n, -1)
             elif isinstance(c, Dense):
                 dense += c.values[start:stop].to(out.dtype)
             else:
                 sel = (c.sample >= start) & (c.sample < stop)
                 table = dense.view(n, c.num_rows, -1)
                 table.index_put_((c.sample[sel] - start, c.row[sel]), c.values[sel].to(out.dtype), accumulate=True)
-        flat.add_(power_of(dense, power).sum(0))
+        if not (len(items) == 1 and isinstance(items[0], ConvGrads)):
+            flat.add_(power_of(dense, power).sum(0))

@@ -28,7 +28,6 @@ mode and ``Z``'s sample slice ``b`` influences ``ℓ_b`` only (that is what the 
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections import defaultdict
 
@@ -60,6 +59,21 @@ class _Failed(Exception):
     pass
 
 
+class _Modes:
+    """Enter the capture (function mode) and the tracer (dispatch mode) together."""
+
+    def __init__(self, modes):
+        self.modes = modes
+
+    def __enter__(self):
+        for m in self.modes:
+            m.__enter__()
+
+    def __exit__(self, *exc):
+        for m in reversed(self.modes):
+            m.__exit__(*exc)
+
+
 def _names(dep, uses_by_key) -> list[str]:
     """Parameter names behind one dep: a name itself, or the parameters of a shared use."""
     if isinstance(dep, str):
@@ -84,10 +98,12 @@ class ImportancePass:
         self.fallback_state: dict = {}
         self.warned: set[str] = set()
         self.handles = []
+        self.capture = Capture(self.tracked, self._on_use_grad, self._on_boundary)
         self._reset()
 
     def _reset(self):
-        self.capture = None
+        self.capture.begin(None)
+        self.live = False  # a backward of this batch is feeding the rules
         self.active: dict[int, tuple] = {}
         self.immediate: set[str] = set()
         self.fallback: set[str] = set()
@@ -159,11 +175,15 @@ class ImportancePass:
                 if t.shape[0] == seed:
                     tracer.seed(t, Batched(0, seed, 1))
         self._reset()
-        capture = self.capture = Capture(self.tracked, tracer, self._on_use_grad, self._on_boundary)
+        capture = self.capture
+        capture.begin(tracer)
+        modes = (capture, tracer) if tracer is not None else (capture,)
         try:
-            with torch.enable_grad(), capture, (tracer if tracer is not None else contextlib.nullcontext()):
+            with torch.enable_grad(), _Modes(modes):
                 outputs, targets = self.forward(self.model, batch)
                 outputs = self.objective.outputs(outputs)
+            self.objective.check(outputs, targets)
+            with torch.enable_grad(), _Modes(modes):
                 variants = self.objective.variants(outputs, targets)
                 losses = [loss(outputs, targets, extra) for loss, extra in variants]
             for value in losses:
@@ -186,23 +206,23 @@ class ImportancePass:
                     f"fallback does not support sharded parameters. No rule for: {why}"
                 )
             if len(self.fallback) < len(self.selected):
+                self.live = True
                 self._rules(losses)
             reasons.update(self.failed)
             fallback = [n for n in self.selected if n in self.fallback or n in self.failed]
             del outputs, losses
-            self.capture = None
-            capture.uses.clear()
-            capture.boundaries.clear()
+            self.live = False
+            capture.begin(None)
             if fallback:
                 self._fallback({n: reasons[n] for n in fallback}, batch, size, variants)
         finally:
             if tracer is not None:
                 tracer.release()
             self._reset()
-        self._check_finite(index)
         return size, counted
 
-    def _check_finite(self, index) -> None:
+    def check_finite(self, batches: int) -> None:
+        """Raise, naming the parameters, if an importance is not finite (one summing pass over each)."""
         by_device = defaultdict(list)
         for n in self.selected:
             by_device[self.acc[n].device].append(n)
@@ -215,7 +235,7 @@ class ImportancePass:
             ok = torch.stack([torch.isfinite(self.acc[n]).all() for n in names])
             if not bool(ok.all()):
                 bad = [n for n, flag in zip(names, ok.tolist()) if not flag]
-                raise ValueError(f"non-finite importance after batch {index} for parameter(s) {bad}")
+                raise ValueError(f"non-finite importance after {batches} batch(es) for parameter(s) {bad}")
 
     # ------------------------------------------------------------------ plan
 
@@ -324,7 +344,7 @@ class ImportancePass:
     def _on_use_grad(self, use, call, saved, g) -> None:
         """From a batched use's backward: per-sample views of ``x`` and ``g`` to the rule."""
         active = self.active.get(use.key)
-        if not active or self.capture is None:
+        if not active or not self.live:
             return
         tag = use.x_tag
         if tag is None:
@@ -352,7 +372,7 @@ class ImportancePass:
     # ------------------------------------------------------------------ boundaries
 
     def _on_boundary(self, b, grad) -> None:
-        if self.capture is None:
+        if not self.live:
             return
         names = {n for deps in b.deps for dep in deps for n in _names(dep, self.uses_by_key)}
         if not names or names <= (self.fallback | set(self.failed)):

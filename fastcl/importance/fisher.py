@@ -236,7 +236,7 @@ def _run(model, data, objective, power, max_samples, forward, params, verbose, d
     mha = getattr(getattr(torch.backends, "mha", None), "get_fastpath_enabled", None)
     fastpath = mha() if mha is not None else None
     bar = None
-    seen = counted = 0
+    seen = counted = index = 0
     try:
         base.eval()
         for n in selected:
@@ -272,6 +272,7 @@ def _run(model, data, objective, power, max_samples, forward, params, verbose, d
             by_name[n].requires_grad_(flag)
         for m, mode in modes.items():
             m.training = mode
+    pass_.check_finite(index + 1 if seen else 0)
     seen, counted = _agree(groups, seen, counted)
     if seen == 0:
         raise ValueError("data yielded no samples: the importance needs at least one batch with one sample")

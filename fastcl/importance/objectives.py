@@ -86,6 +86,10 @@ def _check_labels(outputs, targets) -> None:
             f"got shape {tuple(targets.shape)}"
         )
     classes = outputs.shape[1]
+    if targets.numel() == 0:
+        return
+    if int(targets.min()) >= 0 and int(targets.max()) < classes:
+        return
     valid = targets != IGNORE_INDEX
     bad = valid & ((targets < 0) | (targets >= classes))
     if bool(bad.any()):
@@ -139,6 +143,9 @@ class _Objective:
         """``output_fn(outputs)`` when given (e.g. ``out.logits``)."""
         return outputs if self.output_fn is None else self.output_fn(outputs)
 
+    def check(self, outputs, targets) -> None:
+        """Validate what the losses will see (called once per batch, outside the traced forward)."""
+
     def counted(self, outputs, targets, size: int) -> int:
         return size
 
@@ -149,13 +156,16 @@ class FisherObjective(_Objective):
         self.kind, self.top_k = kind, top_k
         self.empirical = _cross_entropy if loss_fn is None else _UserLoss(loss_fn)
 
+    def check(self, outputs, targets) -> None:
+        if self.kind == "empirical" and self.empirical is _cross_entropy:
+            _check_labels(outputs, targets)
+        elif self.kind != "empirical":
+            _check_logits(outputs, self.kind)
+
     def variants(self, outputs, targets) -> list:
-        """``[(loss, extra)]``: the per-sample losses whose squared gradients add up."""
+        """``[(loss, extra)]``: the per-sample losses whose squared gradients add up (after :meth:`check`)."""
         if self.kind == "empirical":
-            if self.empirical is _cross_entropy:
-                _check_labels(outputs, targets)
             return [(self.empirical, None)]
-        _check_logits(outputs, self.kind)
         probs = torch.softmax(_float_logits(outputs.detach()), dim=-1)
         if self.kind == "true":
             return [(_sampled_cross_entropy, torch.multinomial(probs, 1).squeeze(1))]
@@ -174,10 +184,12 @@ class FisherObjective(_Objective):
 
 
 class MASObjective(_Objective):
-    def variants(self, outputs, targets) -> list:
+    def check(self, outputs, targets) -> None:
         _need_tensor(outputs, "MAS")
         if outputs.dim() == 0:
             raise ValueError(f"MAS needs model outputs of shape [B, ...], got {_describe(outputs)}")
+
+    def variants(self, outputs, targets) -> list:
         return [(_squared_output_norm, None)]
 
 

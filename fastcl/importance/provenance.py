@@ -154,6 +154,7 @@ class Tracer(TorchDispatchMode):
         self.handling = 0
         self.unprovable: dict = {}
         self.premutated: tuple = ()
+        self._saw_deps = False
 
     # ------------------------------------------------------------------ lookups
 
@@ -178,6 +179,7 @@ class Tracer(TorchDispatchMode):
         if entry is None or entry[2] is not self.token:
             name = self.tracked.get(id(t))
             if name is not None:
+                self._saw_deps = True
                 return Shared(frozenset((name,)))
             if isinstance(t, torch.nn.Parameter) or id(t) in self.constants or t.dim() == 0:
                 return SHARED
@@ -188,6 +190,8 @@ class Tracer(TorchDispatchMode):
         tag, epoch, _ = entry
         if self.written and self._overwritten(t, epoch):
             return Unknown("a view of a tensor that an in-place write changed after the view was taken")
+        if tag.__class__ is Shared and tag.deps:
+            self._saw_deps = True
         return tag
 
     def _overwritten(self, t, epoch) -> bool:
@@ -217,6 +221,7 @@ class Tracer(TorchDispatchMode):
         before = [self.tag(t) for t in targets]
         position = self._premutation_check(targets, before, args, kwargs) if targets else None
         out = func(*args, **kwargs)
+        self._saw_deps = False
         rule_kwargs = kwargs
         if mutated and any(kw for _, _, kw in mutated):  # out= tensors are results, not inputs
             rule_kwargs = {k: v for k, v in kwargs.items() if k not in {n for _, n, kw in mutated if kw}}
@@ -236,7 +241,7 @@ class Tracer(TorchDispatchMode):
                     new = _default(self, func, args, rule_kwargs, out)
                 self._write(func, t, old, new)
         self._assign(func, out, result)
-        if not self.handling and _leaves_deps(result):
+        if self._saw_deps and not self.handling and _leaves_deps(result):
             self._absorbed(func, args, rule_kwargs)
         return out
 

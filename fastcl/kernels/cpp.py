@@ -6,6 +6,10 @@ r"""The ``cpp`` backend: CPU kernels of the compiled extension ``fastcl._C`` (C+
   sums are added in chunk order, so the value is bitwise the same for any thread count.
 * ``distill``: per row ``T²·KL(softmax(t/T) ‖ softmax(s/T))`` and ``T·(softmax(s/T) −
   softmax(t/T))``, rows split over threads.
+* ``sqgrad``: ``out[o, i] += Σ_b |Σ_t g[b,t,o]·x[b,t,i]|^p``: a per-sample GEMM whose register
+  tiles square and accumulate before anything reaches memory (no ``[B, O, I]`` intermediate),
+  inputs read with any strides; tasks own disjoint output tiles and sum samples in order, so
+  the result is the same for any thread count.
 
 θ/grad/logits in float32, bfloat16 or float16; anchors and weights in float32 or
 bfloat16; math in float32. The extension takes raw addresses (``data_ptr()``), sizes and
@@ -34,7 +38,7 @@ except ImportError as exc:  # not built (no compiler at install time, or the com
 else:
     BUILD_ERROR = None
 
-__all__ = ["BUILD_ERROR", "OPS", "distill", "penalty", "unavailable_reason", "unsupported_reason"]
+__all__ = ["BUILD_ERROR", "OPS", "distill", "penalty", "sqgrad", "unavailable_reason", "unsupported_reason"]
 
 # dtype codes of csrc/cpu/dtypes.h
 _CPU = torch.device("cpu")
@@ -110,7 +114,37 @@ def distill(
     return row_loss, grad
 
 
-OPS = {"penalty": penalty, "distill": distill}
+def sqgrad(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor, power: int, *, isa: int = -1) -> torch.Tensor:
+    """``out += Σ_b |Σ_t g[b,t]ᵀ x[b,t]|^power`` (contract in :mod:`fastcl.ops.sqgrad`).
+
+    ``x [B, T, I]``, ``g [B, T, O]``: CPU tensors of one dtype (float32, bfloat16, float16),
+    any strides; ``out [O, I]``: contiguous float32. ``isa`` (tests): -1 the widest variant
+    this CPU supports, else 0 baseline, 1 AVX2, 2 AVX-512.
+    """
+    if _C is None:
+        raise RuntimeError(BUILD_ERROR)
+    for label, t in (("x", x), ("g", g), ("out", out)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{label} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise ValueError(f"{label} is on {t.device}; the cpp backend needs CPU tensors")
+    if x.dim() != 3 or g.dim() != 3 or x.shape[:2] != g.shape[:2]:
+        raise ValueError(f"x and g must be [B, T, I] and [B, T, O], got {tuple(x.shape)} and {tuple(g.shape)}")
+    if x.dtype not in DTYPE_CODES or g.dtype != x.dtype:
+        raise TypeError(f"x and g must share a dtype in {tuple(DTYPE_CODES)}, got {x.dtype} and {g.dtype}")
+    B, T, I = x.shape
+    O = g.shape[2]
+    if out.dtype != torch.float32 or tuple(out.shape) != (O, I) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 [{O}, {I}] tensor, got {out.dtype} {tuple(out.shape)}")
+    if power not in (1, 2):
+        raise ValueError(f"power must be 2 or 1, got {power!r}")
+    if B and T and I and O:
+        _C.sqgrad(x.data_ptr(), g.data_ptr(), out.data_ptr(), B, T, I, O, list(x.stride()), list(g.stride()),
+                  DTYPE_CODES[x.dtype], int(power), torch.get_num_threads(), int(isa))
+    return out
+
+
+OPS = {"penalty": penalty, "distill": distill, "sqgrad": sqgrad}
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:

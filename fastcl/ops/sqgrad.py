@@ -17,9 +17,10 @@ i.e. ``Σ_b |∇ℓ_b|^p`` with ``p = 2`` or ``p = 1``; the backend kernels take
   ``g`` (at least 1 MiB, at most 64 MiB).
 
 Backend kernels (``OPS["sqgrad"]``) are called as ``kernel(x, g, out, power)`` with
-``x: [B, T, I]``, ``g: [B, T, O]`` contiguous (strided for the torch reference), one dtype (float32, bfloat16, float16;
-float64 for torch only), ``B, T, I, O ≥ 1``, ``out: [O, I]`` contiguous float32
-(float64 when x is float64) on the same device; they accumulate into ``out``.
+``x: [B, T, I]``, ``g: [B, T, O]`` contiguous (strided for the torch reference and the cpp
+kernel), one dtype (float32, bfloat16, float16; float64 for torch only), ``B, T, I, O ≥ 1``,
+``out: [O, I]`` contiguous float32 (float64 when x is float64) on the same device; they
+accumulate into ``out``.
 """
 from __future__ import annotations
 
@@ -114,9 +115,9 @@ def sqgrad(
 
 def _sqgrad_impl(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor, power: int) -> None:
     name, kernel = resolve("sqgrad", x.device, x.dtype)
-    if name != "torch":
-        # Kernels index raw rows; the torch reference's bmm reads strided views (e.g. the
-        # transposed im2col of a convolution) without the two copies.
+    if name not in ("torch", "cpp"):
+        # These kernels index raw rows; the torch reference (bmm) and the cpp kernel (which
+        # packs its panels from any strides) read strided views such as a transposed im2col.
         x, g = x.contiguous(), g.contiguous()
     kernel(x, g, out, power)
 

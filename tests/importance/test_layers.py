@@ -184,3 +184,29 @@ def test_multihead_attention_direct(cross, batch_first):
     assert_matches(got, ref)
     text = " ".join(str(w.message) for w in record if issubclass(w.category, PerSampleFallbackWarning))
     assert text == ""  # cross-attention splits the packed weight: followed to where each part meets the batch
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+def test_convolution_with_asymmetric_same_padding_groups_and_unbatched_shared_input(nd):
+    """Even kernels with ``padding="same"`` pad one side more; groups; a conv over a shared input."""
+    gen = torch.Generator().manual_seed(30 + nd)
+    torch.manual_seed(40 + nd)
+    conv = (torch.nn.Conv1d if nd == 1 else torch.nn.Conv2d)(4, 6, (2,) * nd if nd == 1 else (2, 4), padding="same", groups=2)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = conv, torch.nn.Linear(6, 3)
+            self.register_buffer("pattern", torch.randn(4, *(7,) * nd))
+
+        def forward(self, x):
+            h = self.conv(x) + self.conv(self.pattern)  # the second call: an unbatched input shared by all samples
+            return self.head(torch.tanh(h).flatten(2).mean(2))
+
+    model = float64_copy(Net())
+    x = torch.randn(5, 4, *(7,) * nd, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerSampleFallbackWarning)
+        got = diagonal_fisher(model, [(x[:3], y[:3]), (x[3:], y[3:])])
+    assert_matches(got, per_sample_importance(model, split(x, y), cross_entropy_loss))

@@ -1,42 +1,80 @@
-"""fastcl.ops.sqgrad against per-sample gradients materialised in float64."""
+"""fastcl.ops.sqgrad against per-sample gradients materialised in float64.
+
+``norm="squared"``: ``out[o, i] += Σ_b (Σ_t g[b,t,o] x[b,t,i])²``; ``norm="abs"``: ``Σ_b |…|``.
+Property tests (hypothesis) draw shapes, strides, dtypes and norms for every CPU backend.
+"""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from fastcl.kernels import cpp
 from fastcl.ops import sqgrad, use_backend
 
+CPU_BACKENDS = ["torch"] + (["cpp"] if cpp._C is not None else [])
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}  # inputs rounded first
 
-def oracle(x, g, power):
+
+def oracle(x, g, norm):
     x, g = x.double(), g.double()
     if x.dim() == 2:
         x, g = x[:, None], g[:, None]
     per_sample = torch.einsum("bto,bti->boi", g, x)
-    return per_sample.square().sum(0) if power == 2 else per_sample.abs().sum(0)
+    return per_sample.square().sum(0) if norm == "squared" else per_sample.abs().sum(0)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (5, 1, 7, 3), (4, 3, 9, 5), (3, 17, 33, 6), (2, 2, 1, 65)])
-@pytest.mark.parametrize("power", [1, 2])
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-def test_matches_per_sample_oracle(shape, power, dtype, tol):
-    B, T, I, O = shape
-    gen = torch.Generator().manual_seed(B * 1000 + T * 10 + I)
-    x = torch.randn(B, T, I, generator=gen).to(dtype)
-    g = torch.randn(B, T, O, generator=gen).to(dtype)
-    with use_backend("torch"):
-        out = sqgrad(x, g, power=power)
-    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    torch.testing.assert_close(out.double(), oracle(x, g, power), rtol=tol, atol=tol)
+@st.composite
+def _cases(draw):
+    B, T, I, O = (draw(st.integers(1, n)) for n in (5, 9, 40, 40))
+    dtype = draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]))
+    two_dim = T == 1 and draw(st.booleans())
+    x_layout = draw(st.sampled_from(["contiguous", "transposed", "sliced"]))
+    g_layout = draw(st.sampled_from(["contiguous", "transposed", "sliced"]))
+    norm = draw(st.sampled_from(["squared", "abs"]))
+    seed = draw(st.integers(0, 2**16))
+    return B, T, I, O, dtype, two_dim, x_layout, g_layout, norm, seed
 
 
-def test_two_dim_inputs_accumulate_and_non_contiguous():
+def _tensor(B, T, C, layout, gen):
+    if layout == "contiguous":
+        return torch.randn(B, T, C, generator=gen)
+    if layout == "transposed":
+        return torch.randn(B, C, T, generator=gen).transpose(1, 2)
+    return torch.randn(B, 2 * T, C + 2, generator=gen)[:, ::2, 1:C + 1]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@settings(max_examples=60, deadline=None)
+@given(case=_cases())
+def test_property_matches_float64_over_shapes_strides_and_dtypes(backend, case):
+    B, T, I, O, dtype, two_dim, x_layout, g_layout, norm, seed = case
+    gen = torch.Generator().manual_seed(seed)
+    x = _tensor(B, T, I, x_layout, gen).to(dtype)
+    g = _tensor(B, T, O, g_layout, gen).to(dtype)
+    if two_dim:
+        x, g = x[:, 0], g[:, 0]
+    start = torch.rand(O, I, generator=gen, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    out = start.clone()
+    with use_backend(backend if dtype != torch.float64 else "torch"):
+        got = sqgrad(x, g, out, norm=norm)
+    assert got is out and out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), start.double() + oracle(x, g, norm), rtol=tol, atol=tol)
+
+
+def test_power_is_the_older_spelling_of_norm():
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(6, 10, generator=gen, dtype=torch.float64)[:, ::2]
-    g = torch.randn(3, 6, generator=gen, dtype=torch.float64).t()
-    out = torch.ones(3, 5, dtype=torch.float64)
+    x, g = torch.randn(4, 3, 5, generator=gen), torch.randn(4, 3, 2, generator=gen)
+    torch.testing.assert_close(sqgrad(x, g, power=1), sqgrad(x, g, norm="abs"))
+    torch.testing.assert_close(sqgrad(x, g, power=2), sqgrad(x, g, norm="squared"))
+
+
+def test_non_contiguous_out_accumulates():
+    gen = torch.Generator().manual_seed(2)
+    x, g = torch.randn(3, 4, 5, generator=gen), torch.randn(3, 4, 6, generator=gen)
+    out = torch.ones(5, 6).t()
     sqgrad(x, g, out)
-    torch.testing.assert_close(out, 1.0 + oracle(x, g, 2))
-    x3 = torch.randn(4, 5, 8, generator=gen, dtype=torch.float64).transpose(1, 2)  # [4, 8, 5] strided
-    g3 = torch.randn(4, 8, 3, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(sqgrad(x3, g3), oracle(x3, g3, 2))
+    torch.testing.assert_close(out.double(), 1.0 + oracle(x, g, "squared"), rtol=2e-5, atol=2e-5)
 
 
 def test_bad_input():
@@ -44,7 +82,9 @@ def test_bad_input():
         sqgrad(torch.zeros(2, 3), torch.zeros(3, 4))
     with pytest.raises(ValueError):
         sqgrad(torch.zeros(2, 3, 4), torch.zeros(2, 5))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="norm must be 'squared' or 'abs'"):
+        sqgrad(torch.zeros(2, 3), torch.zeros(2, 4), norm="cubed")
+    with pytest.raises(ValueError, match="power must be 2"):
         sqgrad(torch.zeros(2, 3), torch.zeros(2, 4), power=3)
     with pytest.raises(ValueError):
         sqgrad(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(3, 4))

@@ -1,11 +1,12 @@
 r"""``F.conv1d/2d/3d``: ``y = W ⋆ x + b`` with ``x [N, C, *spatial]``, ``W [O, C/G, *K]``.
 
 Per sample (``x[b]``: the sample's images, ``[M, C, *spatial]``): ``∇W ℓ_b`` is the weight
-gradient of a convolution of those images, ``Σ_{m,l} g[b,m,:,l]ᵀ cols[b,m,:,l]`` per group
-with ``cols`` the im2col of the padded input (factored; unfolded per chunk of samples),
-and ``∇b ℓ_b = Σ_{m,l} g[b,m,:,l]``. Samples must be on dim 0 (merged with other axes is
-fine: each image still belongs to one sample). Padding modes other than zeros pad the input
-in ``nn.Conv*d`` before the call, so the rule sees the padded input.
+gradient of a convolution of those images alone. All of them come from one grouped
+convolution per chunk of samples, the images as groups (:class:`~..contributions.ConvGrads`,
+the cost of a plain weight gradient), and ``∇b ℓ_b = Σ g[b]`` over images and positions.
+Samples must be on dim 0 (merged with other axes is fine: each image belongs to one
+sample). Padding modes other than zeros pad the input in ``nn.Conv*d`` before the call, so
+the rule sees the padded input; asymmetric ``padding="same"`` pads it here.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._dtypes import acc_dtype
-from ..contributions import ConvFactored, Dense
+from ..contributions import ConvGrads, Dense
 from .base import Call, Rule, arg, ntuple
 
 
@@ -107,7 +108,13 @@ class ConvRule(Rule):
             x, g = x.unsqueeze(1), g.unsqueeze(1)
         out = {}
         if "weight" in slots:
-            out["weight"] = ConvFactored(x, g, tuple(call.params["weight"].shape), m["stride"], m["pads"], m["dilation"], m["groups"])
+            if self._symmetric(m):
+                padding = list(reversed(m["pads"][::2]))
+            else:
+                b, images = x.shape[:2]
+                padded = F.pad(x.reshape(b * images, *x.shape[2:]), m["pads"])
+                x, padding = padded.reshape(b, images, *padded.shape[1:]), [0] * m["nd"]
+            out["weight"] = ConvGrads(x, g, tuple(call.params["weight"].shape), m["stride"], padding, m["dilation"], m["groups"])
         if "bias" in slots:
             acc = acc_dtype(g.dtype)
             out["bias"] = Dense(g.to(acc).transpose(1, 2).reshape(g.shape[0], g.shape[2], -1).sum(2))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._dtypes import acc_dtype
-from ..contributions import Dense, LinearFactored
+from ..contributions import Dense, Factored
 from .base import Call, Rule, arg, flat_features, sum_middle
 
 
@@ -34,7 +34,7 @@ class LinearRule(Rule):
         x3, g3 = flat_features(x, 1), flat_features(g, 1)
         out = {}
         if "weight" in slots:
-            out["weight"] = LinearFactored(x3, g3)
+            out["weight"] = Factored(x3, g3)
         if "bias" in slots:
             out["bias"] = Dense(sum_middle(g3.to(acc_dtype(g3.dtype))))
         return out

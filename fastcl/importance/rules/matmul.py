@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..._dtypes import acc_dtype
-from ..contributions import Dense, LinearFactored
+from ..contributions import Dense, Factored
 from .base import Call, Rule, arg, flat_features, sum_middle
 
 
@@ -77,7 +77,7 @@ def _contributions(x, g, slots, alpha, beta):
     x3, g3 = flat_features(x, 1), flat_features(g, 1)
     out = {}
     if "weight" in slots:
-        out["weight"] = LinearFactored(g3 if alpha == 1 else g3 * alpha, x3)  # ∇W = α xᵀ g: rows I, cols O
+        out["weight"] = Factored(g3 if alpha == 1 else g3 * alpha, x3)  # ∇W = α xᵀ g: rows I, cols O
     if "bias" in slots:
         values = sum_middle(g3.to(acc_dtype(g3.dtype)))
         out["bias"] = Dense(values if beta == 1 else values * beta)
