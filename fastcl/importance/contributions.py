@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops.sqgrad import sqgrad
+from ..ops.sqgrad import sqgrad_into
 
 __all__ = ["ConvGrads", "Dense", "Factored", "Sparse", "accumulate", "coalesce", "power_of"]
 
@@ -129,6 +129,14 @@ def accumulate(items: list, out: torch.Tensor, power: int) -> None:
     """``out += Σ_b |Σ_items ∇ℓ_b(item)|^power`` (``out`` shaped like the parameter)."""
     if not items:
         return
+    if len(items) == 1:  # the common case, without the classification below
+        c = items[0]
+        if type(c) is Factored:
+            sqgrad_into(c.x, c.g, out, power)
+            return
+        if type(c) is Dense:
+            out.view(-1).add_(power_of(c.values.to(out.dtype), power).sum(0))
+            return
     batch = _batch_of(items)
     factored = [c for c in items if isinstance(c, Factored)]
     dense = [c for c in items if isinstance(c, Dense)]
@@ -180,11 +188,9 @@ def _chunk(per_sample_bytes: int, batch: int, activation_bytes: int) -> int:
 
 def _accumulate_factored(items, out, power, batch):
     if len(items) == 1:
-        sqgrad(items[0].x, items[0].g, out, norm="squared" if power == 2 else "abs")
+        sqgrad_into(items[0].x, items[0].g, out, power)
         return
-    x = torch.cat([c.x for c in items], dim=1)
-    g = torch.cat([c.g for c in items], dim=1)
-    sqgrad(x, g, out, norm="squared" if power == 2 else "abs")
+    sqgrad_into(torch.cat([c.x for c in items], dim=1), torch.cat([c.g for c in items], dim=1), out, power)
 
 
 def _sparse_correction(factored, sp: Sparse, out, power):

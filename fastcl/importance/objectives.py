@@ -88,7 +88,8 @@ def _check_labels(outputs, targets) -> None:
     classes = outputs.shape[1]
     if targets.numel() == 0:
         return
-    if int(targets.min()) >= 0 and int(targets.max()) < classes:
+    low, high = torch.aminmax(targets)
+    if int(low) >= 0 and int(high) < classes:
         return
     valid = targets != IGNORE_INDEX
     bad = valid & ((targets < 0) | (targets >= classes))
@@ -130,7 +131,9 @@ class _UserLoss:
 def _count_labelled(targets, size: int) -> int:
     """Samples with at least one target that is not ``IGNORE_INDEX`` (integer targets with dim 0 = batch)."""
     if (isinstance(targets, torch.Tensor) and not targets.is_floating_point() and not targets.is_complex()
-            and targets.dtype != torch.bool and targets.dim() >= 1 and targets.shape[0] == size):
+            and targets.dtype != torch.bool and targets.dim() >= 1 and targets.shape[0] == size and targets.numel()):
+        if int(targets.min()) > IGNORE_INDEX:  # no ignore index anywhere: every sample counts
+            return size
         return int((targets.reshape(size, -1) != IGNORE_INDEX).any(1).sum())
     return size
 

@@ -30,7 +30,7 @@ from .._dtypes import acc_dtype
 from ._dispatch import resolve
 from ._library import compiling, register
 
-__all__ = ["sqgrad", "sqgrad_reference"]
+__all__ = ["sqgrad", "sqgrad_into", "sqgrad_reference"]
 
 _CHUNK_BYTES = 64 * 2**20
 NORMS = {"squared": 2, "abs": 1}
@@ -91,8 +91,20 @@ def sqgrad(
         out = torch.zeros((O, I), dtype=acc, device=x.device)
     elif out.shape != (O, I) or out.dtype not in (torch.float32, torch.float64) or out.device != x.device:
         raise ValueError(f"out must be a float32/float64 [{O}, {I}] tensor on {x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return sqgrad_into(x, g, out, power)
+
+
+def sqgrad_into(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor, power: int) -> torch.Tensor:
+    """:func:`sqgrad` without the argument checks, for callers that guarantee them (the Fisher engine).
+
+    ``x`` and ``g`` share dtype and device, ``[B, I]``/``[B, O]`` or ``[B, T, I]``/``[B, T, O]``;
+    ``out`` is ``[O, I]`` in their accumulation dtype; ``power`` is 2 or 1.
+    """
+    O, I = g.shape[-1], x.shape[-1]
     if x.shape[0] == 0 or O == 0 or I == 0:
         return out
+    if g.dtype != x.dtype:
+        g = g.to(x.dtype)
     if x.dim() == 2 or x.shape[1] == 1:
         x2 = x.reshape(x.shape[0], I).to(out.dtype)
         g2 = g.reshape(g.shape[0], O).to(out.dtype)
