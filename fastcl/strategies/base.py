@@ -127,7 +127,9 @@ class _StepHooks:
 
     def _pre(self, optimizer, args, kwargs) -> None:
         self.stepping = False
-        if (args and callable(args[0])) or kwargs.get("closure") is not None:
+        if args and args[0] is optimizer:  # torch passes step's own arguments, self included
+            args = args[1:]
+        if (args and args[0] is not None) or kwargs.get("closure") is not None:
             raise RuntimeError(
                 "a regularizer attached to this optimizer cannot run optimizer.step(closure): the closure recomputes "
                 "the gradients after the hook added the penalty's; detach() it and add penalty() to the closure's loss"

@@ -66,9 +66,10 @@ def test_state_dict_round_trip_and_shape_mismatch():
         fastcl.L2SP(wrong, 1.0).load_state_dict(state)
 
 
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "1", True])
-def test_bad_strength(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, error", [(-1.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+                                        (1e39, ValueError), ("1", TypeError), (True, TypeError)])
+def test_bad_strength(bad, error):
+    with pytest.raises(error, match="strength"):
         fastcl.L2SP(make_mlp(), bad)
 
 
