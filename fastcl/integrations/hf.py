@@ -21,7 +21,9 @@ Three pieces, usable together or alone:
 * :func:`causal_lm_forward` and :func:`causal_lm_per_sequence_loss` make
   ``EWC.consolidate(dataloader, forward=causal_lm_forward, loss_fn=causal_lm_per_sequence_loss)``
   compute the exact per-sequence diagonal Fisher ``F = (1/N) Σ_n (∂ℓ_n/∂θ)²`` with
-  ``ℓ_n`` the mean next-token NLL of sequence ``n`` over its unmasked tokens.
+  ``ℓ_n`` the mean next-token NLL of sequence ``n`` over its unmasked tokens;
+  :func:`sequence_classification_forward` and :func:`sequence_classification_per_sample_loss`
+  do the same for ``*ForSequenceClassification`` models (``ℓ_n`` from ``labels``).
 
 * :class:`CausalLMLwF`: Learning without Forgetting for causal LMs. The distillation runs
   through :func:`fastcl.fused_linear_distillation` on the final hidden states and the LM

@@ -32,6 +32,7 @@ loading), and a call that raises leaves the regularizer and the model as they we
 """
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -250,7 +251,7 @@ class AnchoredRegularizer:
 
     def _commit(self, anchors: dict, importance: dict, constant: float) -> None:
         constant = float(constant)
-        if not (constant == constant and abs(constant) != float("inf")):
+        if not math.isfinite(constant):
             raise ValueError("consolidation produced a non-finite penalty constant; state left unchanged")
         self._anchors, self._importance, self._constant = anchors, importance, constant
         self.num_consolidations += 1
@@ -601,6 +602,11 @@ class AnchoredRegularizer:
         if tuple(value.shape) != tuple(p.shape):
             raise ValueError(f"parameter {name!r}: state_dict shape {tuple(value.shape)} does not match the model's {tuple(p.shape)}")
         return p
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_attachments"] = []  # the optimizer hooks run the original only: a copy is not attached
+        return state
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(strength={self.strength}, covered={len(self._anchors)} tensors, consolidations={self.num_consolidations})"

@@ -235,3 +235,14 @@ def test_unconsolidated_or_zero_strength_adds_nothing():
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), before[n] - LR * grads[n], **TOL)
     assert ewc.last_penalty is None
+
+
+def test_a_copy_of_an_attached_regularizer_is_not_attached():
+    import copy
+
+    model = make_mlp()
+    reg, _ = make_case("l2sp", model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    reg.attach(opt)
+    clone = copy.deepcopy(reg)
+    assert reg.attached and not clone.attached and clone.penalty().requires_grad  # no hook runs the copy
