@@ -23,8 +23,7 @@ import torch
 from cases import DTYPE_NAMES, ModelCase, cases
 from harness.record import Config, Recorder, Unavailable, available_backends, forced, free
 from inputs import make_batches, make_model
-from oracles import EPS32, worst_ratio
-from oracles import sqgrad_expected as _sqgrad_expected
+from oracles import EPS32, sqgrad_expected, worst_ratio
 
 import fastcl
 from fastcl.importance import diagonal_fisher
@@ -146,7 +145,7 @@ def check_sqgrad(ctx, sec) -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 ctx.fault.perturb("sqgrad", out)
-                want, mag = _sqgrad_expected(x, g, power)
+                want, mag = sqgrad_expected(x, g, power)
                 c = max(4 * T, 64) * EPS32
                 bound = 2e-5 * (want + start.double()).abs() + c * mag
                 ratios = {"out": worst_ratio(out, want + start.double(), bound)}
