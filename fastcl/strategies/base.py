@@ -396,7 +396,8 @@ class AnchoredRegularizer:
             for groups, idx in self._partition:
                 idx = range(len(params)) if idx is None else idx
                 live = [i for i in idx if params[i].requires_grad and (members is None or id(params[i]) in members)]
-                rest = [i for i in idx if i not in set(live)]
+                live_set = set(live)
+                rest = [i for i in idx if i not in live_set]
                 part = torch.zeros_like(value)
                 if rest:
                     part = part + fused_penalty(pick(params, rest), pick(anchors, rest), pick(weights, rest), scale=self.strength, kind=self.kind)
