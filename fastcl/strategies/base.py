@@ -39,13 +39,19 @@ from typing import Any
 
 import torch
 
-from .._names import named_parameters, named_trainable_parameters
+from .._names import canonical_name, named_parameters, named_trainable_parameters
 from .._validate import check_int, check_real
 from ..distributed import all_reduce_sum, as_dtensor_like, is_dtensor, local_tensor, shard_groups, shard_like
 from ..ops import anchored_penalty
 from ..ops import penalty as fused_penalty
 
 __all__ = ["AnchoredRegularizer", "check_strength"]
+
+
+def _module_path(raw_name: str) -> tuple[tuple[str, ...], str]:
+    """``("a.b.weight") -> (("a", "b"), "weight")``: submodule keys, then the parameter's attribute."""
+    *path, attribute = raw_name.split(".")
+    return tuple(path), attribute
 
 
 def check_strength(value: Any, name: str = "strength") -> float:
@@ -196,7 +202,7 @@ class AnchoredRegularizer:
         self._constant = 0.0  # c, in the units of Σ w·φ
         self.num_consolidations = 0
         self.last_penalty: torch.Tensor | None = None
-        self._cache_key: tuple | None = None
+        self._cache_key: list | None = None  # [(module path, attribute, parameter, device)] the cache is valid for
         self._cache: tuple | None = None
         self._partition: list[tuple] = [((), None)]
         self._sharded_ids: set[int] = set()
@@ -266,11 +272,17 @@ class AnchoredRegularizer:
         split over the same process groups (``()`` for plain tensors): a value summed over
         their local shards is summed over ``groups`` to be global. Without DTensors it is
         ``[((), None)]``, ``None`` meaning every position (the lists are used as they are).
+
+        The result is cached while every covered name still leads, through the same module
+        objects, to the same parameter on the same device (a few dict lookups per tensor,
+        instead of walking and renaming the whole model on every call).
         """
-        params = named_parameters(self.model)
-        key = tuple((n, id(params.get(n)), params[n].device if n in params else None) for n in self._anchors)
-        if key == self._cache_key:
+        if self._cache_key is not None and self._cache_is_current():
             return self._cache
+        params = named_parameters(self.model)
+        raw_names = {}
+        for raw, _ in self.model.named_parameters():
+            raw_names.setdefault(canonical_name(raw), raw)
         names, plist, alist, wlist = [], [], [], []
         anchors, importance = dict(self._anchors), dict(self._importance)
         for name, anchor in anchors.items():
@@ -301,9 +313,20 @@ class AnchoredRegularizer:
             partition.setdefault(tuple(id(g) for g in groups), (groups, []))[1].append(i)
         self._anchors, self._importance = anchors, importance
         self._partition = list(partition.values()) if any(g for g, _ in partition.values()) else [((), None)]
-        self._cache_key = key
+        self._cache_key = [(*_module_path(raw_names[n]), params[n], params[n].device) for n in names]
         self._cache = (names, plist, alist, wlist if self.uses_importance else None)
         return self._cache
+
+    def _cache_is_current(self) -> bool:
+        for path, attribute, param, device in self._cache_key:
+            module = self.model
+            for key in path:
+                module = module._modules.get(key)
+                if module is None:
+                    return False
+            if module._parameters.get(attribute) is not param or param.device != device:
+                return False
+        return True
 
     def _zero(self) -> torch.Tensor:
         p = next(iter(self.model.parameters()), None)
@@ -380,7 +403,7 @@ class AnchoredRegularizer:
         self.last_penalty = value.detach()
         return value
 
-    def _add_grad(self, members: frozenset[int] | None, grad_scale: float) -> torch.Tensor:
+    def _add_grad(self, members: frozenset[int] | None, grad_scale: float, resolved: tuple | None = None) -> torch.Tensor:
         """Add ``grad_scale · ∂penalty/∂θ`` to the ``.grad`` of the covered trainable parameters.
 
         ``members``: only parameters whose ``id`` is in it receive a gradient (those of one
@@ -388,12 +411,13 @@ class AnchoredRegularizer:
         value only. Returns the (unscaled) penalty value. New ``.grad`` tensors are only
         assigned once the fused op succeeded.
         """
-        _, params, anchors, weights = self._resolve()
+        _, params, anchors, weights = resolved or self._resolve()
         value = torch.zeros((), dtype=torch.float32, device=params[0].device)
         created: list[tuple[torch.Tensor, torch.Tensor]] = []
-        pick = lambda seq, sel: None if seq is None else [local_tensor(seq[i]) for i in sel]  # noqa: E731
         with torch.no_grad():  # local_tensor(DTensor) is then the DTensor's own local tensor: writes reach p.grad
             for groups, idx in self._partition:
+                local = local_tensor if idx is not None else (lambda t: t)  # no DTensors: the tensors as they are
+                pick = lambda seq, sel: None if seq is None else [local(seq[i]) for i in sel]  # noqa: E731
                 idx = range(len(params)) if idx is None else idx
                 live = [i for i in idx if params[i].requires_grad and (members is None or id(params[i]) in members)]
                 live_set = set(live)
@@ -408,7 +432,7 @@ class AnchoredRegularizer:
                         if g is None:
                             g = torch.zeros_like(params[i])  # a DTensor like p under FSDP2
                             created.append((params[i], g))
-                        grads.append(local_tensor(g))
+                        grads.append(local(g))
                     scaled = fused_penalty(pick(params, live), pick(anchors, live), pick(weights, live),
                                            scale=self.strength * grad_scale, kind=self.kind, grads=grads)
                     part = part + (scaled if grad_scale == 1.0 else scaled / grad_scale)
@@ -468,21 +492,20 @@ class AnchoredRegularizer:
                 keep.append(hooks)
         self._attachments = keep
 
-    def _check_in_optimizers(self, extra: frozenset[int] = frozenset(), only_if_disjoint: bool = False) -> None:
+    def _check_in_optimizers(self, resolved: tuple | None = None, extra: frozenset[int] = frozenset(), only_if_disjoint: bool = False) -> None:
         """Every covered trainable parameter must be in an attached optimizer (or in ``extra``)."""
-        names, params, _, _ = self._resolve()
-        live = [(n, p) for n, p in zip(names, params) if p.requires_grad]
+        names, params, _, _ = resolved or self._resolve()
         if only_if_disjoint:
-            if live and not any(id(p) in extra for _, p in live):
+            live = [p for p in params if p.requires_grad]
+            if live and not any(id(p) in extra for p in live):
                 raise ValueError(
                     f"optimizer holds none of the {len(live)} parameters {type(self).__name__} covers "
                     "(does it optimize a copy, a flattened or an offloaded version of them? then add penalty() to the loss)"
                 )
             return
-        held = set(extra)
-        for hooks in self._attachments:
-            held |= hooks.members()
-        missing = [n for n, p in live if id(p) not in held]
+        held = [h.members() for h in self._attachments] + ([extra] if extra else [])
+        held = held[0] if len(held) == 1 else frozenset().union(*held)
+        missing = [n for n, p in zip(names, params) if p.requires_grad and id(p) not in held]
         if missing:
             raise ValueError(
                 f"{type(self).__name__} covers trainable parameters that no attached optimizer holds, so their penalty "
@@ -495,12 +518,14 @@ class AnchoredRegularizer:
         if not self.consolidated or self.strength == 0.0:
             return None
         self.attached  # prune dead optimizers before checking coverage
-        self._check_in_optimizers()
-        return members
+        resolved = self._resolve()
+        self._check_in_optimizers(resolved)
+        return members, resolved
 
     def _run_attached_step(self, plan, grad_scale: float) -> None:
         if plan is not None:
-            self.last_penalty = self._add_grad(plan, grad_scale).detach()
+            members, resolved = plan
+            self.last_penalty = self._add_grad(members, grad_scale, resolved).detach()
 
     def _on_step_begin(self, members: frozenset[int], grad_scale: float) -> None:
         """Extension point: an attached optimizer is about to update the parameters in ``members``.
