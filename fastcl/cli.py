@@ -205,6 +205,12 @@ def _run_info() -> int:
 
                 detail = f" (distill kernel: {cpp._C.distill_isa()})"
             print(f"    {backend}: " + ("available" + detail if reason is None else f"unavailable ({_one_line(reason)})"))
+    from ._build_report import describe, status_path
+    from .kernels import cpp, cuda
+
+    print(f"build ({status_path().name}, written when fastcl was installed):")
+    for name, module in (("fastcl._C", cpp), ("fastcl._cuda", cuda)):
+        print(f"  {name}: {describe(name, module.BUILD_ERROR)}")
     return 0
 
 
