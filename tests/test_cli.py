@@ -30,6 +30,15 @@ BAD_DEMO_ARGS = [
     (["--hidden", "-1"], "--hidden"),
     (["--device", "tpu:0"], "--device"),
     (["--json", "/no/such/dir/out.json"], "does not exist"),
+    (["--json", "/tmp"], "is a directory"),
+    (["--plot", "/tmp"], "is a directory"),
+    (["--plot", "/tmp/plot"], "expected a file name ending in .png"),
+    (["--json", "/tmp/out.txt"], "ending in .json"),
+    (["--strength", "ewc"], "expected STRATEGY=VALUE"),
+    (["--strength", "finetune=3"], "has no strength"),
+    (["--strength", "ewc=nan"], "--strength"),
+    (["--sweep-factors", "1,-2"], "--sweep-factors"),
+    (["--sweep-strength", "--strategies", "finetune,freeze"], "needs regularizers"),
     (["--bogus"], "unrecognized arguments"),
 ]
 
@@ -108,3 +117,23 @@ def test_diverged_run_is_one_line_exit_1(capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "diverged" in err
+
+
+def test_paths_are_checked_before_the_run(tmp_path, monkeypatch):
+    import fastcl.demo as demo
+
+    def never(*args, **kwargs):
+        raise AssertionError("the demo ran before its output paths were checked")
+
+    monkeypatch.setattr(demo, "run_demo", never)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: nothing to check there
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(SystemExit) as info:
+            main(["demo", "--json", str(locked / "out.json")])
+        assert info.value.code == 2
+    finally:
+        locked.chmod(0o700)
