@@ -6,7 +6,9 @@ Subcommands:
   ``--strength ewc=100`` overrides a strength, ``--sweep-strength`` trains each regularizer over
   a grid of strengths.
 * ``fastcl info``: versions, devices and the backend each op would use on each device.
-* ``fastcl bench [ARGS...]``: ``benchmarks/run.py ARGS...`` from the source tree, if present.
+* ``fastcl bench [ARGS...]``: ``benchmarks/run.py ARGS...`` from the source tree (or
+  ``$FASTCL_BENCHMARKS``), results in ``--out DIR`` (default ``./fastcl-bench``); from a
+  wheel, it says what to run instead.
 
 Bad input prints one line ``fastcl <cmd>: error: <what>`` on stderr and exits with 2; a
 failure while running (e.g. a diverged training run) prints one line and exits with 1
@@ -117,7 +119,7 @@ def _build_parser() -> tuple[_Parser, _Parser]:
     sub.add_parser("info", help="versions, devices and the backend of each op", description="Versions, devices and backends.")
     sub.add_parser(
         "bench",
-        help="run benchmarks/run.py from the source tree (arguments are passed through)",
+        help="run benchmarks/run.py from the source tree (arguments are passed through; results in --out, default ./fastcl-bench)",
         description="Run benchmarks/run.py from the source tree; all arguments are passed to it.",
         add_help=False,
     )
@@ -312,15 +314,39 @@ def _one_line(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------- bench
+BENCH_OUT = "fastcl-bench"
+"""Where ``fastcl bench`` writes when not given ``--out``: a folder in the current directory."""
+
+
+def _find_bench_script() -> Path | None:
+    """``run.py`` from ``$FASTCL_BENCHMARKS``, the source tree around this package, or ``./benchmarks``."""
+    candidates = []
+    if os.environ.get("FASTCL_BENCHMARKS"):
+        candidates.append(Path(os.environ["FASTCL_BENCHMARKS"]).expanduser())
+    candidates += [Path(__file__).resolve().parent.parent / "benchmarks", Path.cwd() / "benchmarks"]
+    for folder in candidates:
+        if (folder / "run.py").is_file() and (folder / "suites").is_dir():
+            return folder / "run.py"
+    return None
+
+
 def _run_bench(argv: Sequence[str]) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
-    if not script.is_file():
+    """``benchmarks/run.py ARGS`` with results in ``--out`` (default ``./fastcl-bench``), never the source tree."""
+    script = _find_bench_script()
+    if script is None:
         print(
-            "fastcl bench: benchmarks/run.py is not here (it ships with the source tree, not the wheel); "
-            "clone the repository and run it from there",
+            "fastcl bench: the benchmarks are not installed with the package (they ship with fastcl's source tree).\n"
+            "  From a checkout of the source:   pip install -e \".[bench]\" && fastcl bench --quick\n"
+            "  Or point at its benchmarks:      FASTCL_BENCHMARKS=/path/to/fastcl/benchmarks fastcl bench --quick\n"
+            f"  Results go to --out DIR (default ./{BENCH_OUT}).",
             file=sys.stderr,
         )
         return 2
+    argv = list(argv)
+    asks_help = any(a in ("-h", "--help") for a in argv)
+    if not asks_help and not any(a == "--out" or a.startswith("--out=") for a in argv):
+        argv += ["--out", str(Path.cwd() / BENCH_OUT)]
+        print(f"fastcl bench: writing results to {Path.cwd() / BENCH_OUT} (choose with --out DIR)", file=sys.stderr)
     return subprocess.call([sys.executable, str(script), *argv])
 
 

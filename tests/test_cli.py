@@ -86,8 +86,30 @@ def test_bench_without_script_is_a_clear_message(monkeypatch, capsys, tmp_path):
     import fastcl.cli as cli
 
     monkeypatch.setattr(cli, "__file__", str(tmp_path / "fastcl" / "cli.py"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FASTCL_BENCHMARKS", raising=False)
     assert main(["bench", "--quick"]) == 2
-    assert "benchmarks/run.py" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert 'pip install -e ".[bench]" && fastcl bench --quick' in err and "FASTCL_BENCHMARKS=" in err
+
+
+@pytest.mark.skipif(not (REPO / "benchmarks" / "run.py").is_file(), reason="benchmarks/run.py not in this tree")
+def test_bench_writes_where_asked_not_into_the_source_tree(monkeypatch, tmp_path, capsys):
+    import fastcl.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--quick"]) == 0
+    assert calls[-1][-2:] == ["--out", str(tmp_path / "fastcl-bench")]
+    assert "writing results to" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--out", "mine"]) == 0
+    assert calls[-1][-2:] == ["--out", "mine"] and calls[-1].count("--out") == 1
+    # an installed package finds the benchmarks through FASTCL_BENCHMARKS
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site" / "fastcl" / "cli.py"))
+    monkeypatch.setenv("FASTCL_BENCHMARKS", str(REPO / "benchmarks"))
+    assert main(["bench", "--quick"]) == 0
+    assert calls[-1][1] == str(REPO / "benchmarks" / "run.py")
 
 
 @pytest.mark.skipif(not (REPO / "benchmarks" / "run.py").is_file(), reason="benchmarks/run.py not in this tree")
