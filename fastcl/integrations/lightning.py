@@ -31,6 +31,7 @@ Needs ``pip install lightning``.
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -185,6 +186,12 @@ class ContinualCallback(pl.Callback):
         for r in self.regularizers:
             total += float(r.add_penalty_grad_())
         self.last_penalty = total
+        if not math.isfinite(total):  # caught at the step that diverged, not later in consolidate()
+            raise FloatingPointError(
+                f"the regularizer penalty is {total} at step {trainer.global_step}: training diverged. Lower the strength "
+                "(README: Choosing strength; a strength ported from Avalanche's ewc_lambda is 2·ewc_lambda/batch_size) "
+                "or the learning rate"
+            )
         if self._unused_outputs and not self._warned_unused:
             warnings.warn(
                 f"ContinualCallback: {self._unused_outputs} output(s) of the LwF student in training received no "

@@ -189,3 +189,15 @@ def test_bad_arguments():
         ContinualCallback(fastcl.LwF(module.net))
     with pytest.raises(TypeError, match="lwf"):
         ContinualCallback(lwf=fastcl.EWC(module.net, strength=1.0))
+
+
+def test_divergence_is_caught_at_the_step():
+    torch.manual_seed(0)
+    module = Classifier(hidden=8, lr=0.5, momentum=0.0)
+    ewc = fastcl.EWC(module.net, strength=1e12)
+    ewc.consolidate(DataLoader(_data(8), batch_size=8))
+    with torch.no_grad():
+        for p in module.net.parameters():
+            p.add_(0.1)
+    with pytest.raises(FloatingPointError, match="Choosing strength"):
+        _trainer([ContinualCallback(ewc)], max_epochs=3).fit(module, DataLoader(_data(16), batch_size=4))
