@@ -663,14 +663,16 @@ def save_sweep_plot(sweep: dict[str, dict], path: str) -> None:
     for row, (scenario, by_strategy) in zip(axes, sweep.items()):
         base = by_strategy["finetune"]
         for ax, key, label in ((row[0], "average_accuracy", "final average accuracy (%)"), (row[1], "forgetting", "forgetting (%)")):
-            for strategy in names:
+            for k, strategy in enumerate(names):
                 rows = by_strategy.get(strategy, [])
                 ok = [r for r in rows if not r["diverged"]]
                 ax.plot([r["strength"] for r in ok], [100 * r[key] for r in ok], label=strategy, markersize=5, linewidth=1.4,
                         **style[strategy])
                 bad = [r["strength"] for r in rows if r["diverged"]]
                 if bad:
-                    ax.plot(bad, [1.5] * len(bad), linestyle="none", marker="x", color=style[strategy]["color"], markersize=8)
+                    # one row of crosses per strategy, so coinciding divergences stay visible
+                    ax.plot(bad, [2.0 + 2.5 * k] * len(bad), linestyle="none", marker="x", color=style[strategy]["color"],
+                            markersize=7)
             ax.axhline(100 * base[key], color="0.45", linestyle="--", linewidth=1, label="finetune (λ = 0)")
             if key == "average_accuracy" and scenario in CHANCE:
                 ax.axhline(100 * CHANCE[scenario], color="0.4", linestyle=(0, (1, 3)), linewidth=1, label="chance")
@@ -680,7 +682,7 @@ def save_sweep_plot(sweep: dict[str, dict], path: str) -> None:
             ax.set_ylabel(label)
             ax.set_title(f"{scenario}: {'accuracy (higher is better)' if key == 'average_accuracy' else 'forgetting (lower is better)'}",
                          fontsize=10)
-            ax.grid(alpha=0.3, which="both")
+            ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
