@@ -3,6 +3,8 @@
 The seed's sketch used a Fisher of all ones and compared each parameter with itself (so
 its penalty was always 0). Here the Fisher is the mean of squared per-sample gradients,
 the anchors are the weights after task A, and task B is a pixel permutation of task A.
+One thread, about 15 s of CPU time including imports (58 s wall measured on 2 cores
+shared with other jobs).
 """
 import copy
 
