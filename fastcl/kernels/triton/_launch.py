@@ -64,15 +64,19 @@ class Launch:
         specialisation match a real launch of this plan. Needs a JIT (not interpreted)
         kernel; ``target`` is a ``triton.backends.compiler.GPUTarget``.
         """
+        from triton import knobs
         from triton.compiler import make_backend
         from triton.runtime.jit import create_function_from_signature
 
         if interpreted(self.kernel):
             raise RuntimeError("compile_spec needs kernels decorated without TRITON_INTERPRET=1")
         backend = make_backend(target)
+        # The options JITFunction.run adds before specialising.
+        kwargs = dict(self.options, debug=self.options.get("debug", self.kernel.debug) or knobs.runtime.debug)
+        for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+            if hasattr(knobs.compilation, name):
+                kwargs[name] = getattr(knobs.compilation, name)
         binder = create_function_from_signature(self.kernel.signature, self.kernel.params, backend)
-        bound, specialization, options = binder(*self.args, **self.options)
-        options, signature, constexprs, attrs = self.kernel._pack_args(
-            backend, dict(self.options), bound, specialization, options
-        )
+        bound, specialization, options = binder(*self.args, **kwargs)
+        options, signature, constexprs, attrs = self.kernel._pack_args(backend, kwargs, bound, specialization, options)
         return signature, constexprs, attrs, options.__dict__

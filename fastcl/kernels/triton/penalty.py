@@ -140,14 +140,17 @@ def _penalty_chunk(theta, anchor, weight, grad, head, n, acc, acc_head, grad_sca
     if peel > 0:
         acc_head += _penalty_terms(theta, anchor, weight, grad, head_lanes, head_lanes < peel, grad_scale,
                                    HAS_WEIGHTS, GRAD_MODE, L1, True)
+    # Only pointers the host checked (those in use) get the hint.
     theta_body = tl.multiple_of(theta + head, 16)
-    grad_body = tl.multiple_of(grad + head, 16)
+    grad_body = grad + head
+    if GRAD_MODE != 0:
+        grad_body = tl.multiple_of(grad_body, 16)
+    anchor_body = anchor + head
+    weight_body = weight + head
     if ALL_ALIGNED:
-        anchor_body = tl.multiple_of(anchor + head, 16)
-        weight_body = tl.multiple_of(weight + head, 16)
-    else:
-        anchor_body = anchor + head
-        weight_body = weight + head
+        anchor_body = tl.multiple_of(anchor_body, 16)
+        if HAS_WEIGHTS:
+            weight_body = tl.multiple_of(weight_body, 16)
     acc = _penalty_span(theta_body, anchor_body, weight_body, grad_body, n - peel, acc, grad_scale,
                         HAS_WEIGHTS, GRAD_MODE, L1, BLOCK)
     return acc, acc_head
