@@ -64,17 +64,18 @@ class EWC(ImportanceRegularizer):
         """``"loss"`` for the empirical Fisher (per-sample losses of the targets), else ``"outputs"`` (logits only)."""
         return "loss" if self.fisher_kind == "empirical" else "outputs"
 
-    def consolidate(self, data, *, loss_fn=None, max_samples=None, **fisher_options) -> None:
+    def consolidate(self, data, *, loss_fn=None, max_samples=None, forward=None, verbose=None, **fisher_options) -> None:
         """Compute the Fisher over ``data`` (iterable of ``(inputs, targets)`` batches) and fold it in.
 
         ``loss_fn(outputs, targets)`` must return per-sample losses (default: cross-entropy
-        on logits). ``max_samples`` and every other keyword (``forward``, ``verbose``...)
-        go to :func:`fastcl.diagonal_fisher`. On any error (empty data, non-finite loss
-        or Fisher) nothing changes.
+        on logits). ``max_samples``, ``forward``, ``verbose`` and any other keyword go to
+        :func:`fastcl.diagonal_fisher`. On any error (empty data, non-finite loss or
+        Fisher) nothing changes.
         """
         if self.top_k is not None:
             fisher_options.setdefault("top_k", self.top_k)
-        fisher = diagonal_fisher(self.model, data, loss_fn=loss_fn, kind=self.fisher_kind, max_samples=max_samples, **fisher_options)
+        fisher = diagonal_fisher(self.model, data, loss_fn=loss_fn, kind=self.fisher_kind, max_samples=max_samples,
+                                 forward=forward, verbose=verbose, **fisher_options)
         self.fold(fisher)
 
     @property
