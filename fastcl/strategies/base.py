@@ -132,15 +132,26 @@ class _StepHooks:
             self._members_key = key
         return self._members
 
-    def _pre(self, optimizer, args, kwargs) -> None:
+    def _pre(self, optimizer, args, kwargs):
         self.stepping = False
-        if args and args[0] is optimizer:  # torch passes step's own arguments, self included
-            args = args[1:]
-        if (args and args[0] is not None) or kwargs.get("closure") is not None:
-            raise RuntimeError(
-                "a regularizer attached to this optimizer cannot run optimizer.step(closure): the closure recomputes "
-                "the gradients after the hook added the penalty's; detach() it and add penalty() to the closure's loss"
-            )
+        head = 1 if args and args[0] is optimizer else 0  # torch passes step's own arguments, self included
+        closure = args[head] if len(args) > head else kwargs.get("closure")
+        if closure is None:
+            self._before_update(optimizer)
+            return None
+
+        def closure_then_penalty():
+            # step(closure) computes the gradients inside the step, after this hook: the penalty's go in after it
+            result = closure()
+            self._before_update(optimizer)
+            return result
+
+        if len(args) > head:
+            return (*args[:head], closure_then_penalty, *args[head + 1 :]), kwargs
+        return args, {**kwargs, "closure": closure_then_penalty}
+
+    def _before_update(self, optimizer) -> None:
+        self.stepping = False
         grad_scale, skipped = _amp_state(optimizer)
         if skipped:
             return
@@ -459,13 +470,15 @@ class AnchoredRegularizer:
 
         Several optimizers: attach each; every covered trainable parameter must be in one
         of them. A new optimizer needs its own ``attach``. ``optimizer.step(closure)``
-        (e.g. L-BFGS) is not supported. :meth:`detach` removes the hooks. Attaching twice
-        to the same optimizer is a no-op.
+        (Lightning's automatic optimization): the gradient is added right after the
+        closure computed the task's; optimizers that evaluate the closure several times
+        per step against its loss (L-BFGS) are refused. :meth:`detach` removes the hooks.
+        Attaching twice to the same optimizer is a no-op.
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, torch.optim.LBFGS):
-            raise ValueError("optimizer: L-BFGS steps with a closure that recomputes the gradients; add penalty() to its loss instead")
+            raise ValueError("optimizer: L-BFGS line-searches on the closure's loss, which would lack the penalty; add penalty() to that loss instead")
         hooks = _STEP_HOOKS.get(optimizer)
         if hooks is not None and any(r is self for r in hooks.regularizers):
             return self

@@ -207,19 +207,31 @@ def test_refusals():
         reg.attach(torch.optim.LBFGS(model.parameters()))
     with pytest.raises(ValueError, match="none of"):
         reg.attach(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=LR))
+
+
+@pytest.mark.parametrize("positional", [True, False])
+def test_step_with_a_closure_adds_the_penalty_after_the_closure(positional):
+    """Lightning's automatic optimization: zero_grad, forward and backward run inside step(closure)."""
+    model, reference = make_mlp(), make_mlp()
+    reg, oracle = make_case("ewc", model)
+    make_case("ewc", reference)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     reg.attach(opt)
-    before = snapshot(model)
+    data = [batches(1, seed=s) for s in range(3)]
+    for micro in data:
+        x, y = micro[0]
 
-    def closure():
-        opt.zero_grad()
-        loss = model(torch.ones(1, 5, dtype=torch.float64)).sum()
-        loss.backward()
-        return loss
+        def closure():
+            opt.zero_grad()  # would wipe a penalty gradient added before the closure
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
 
-    with pytest.raises(RuntimeError, match="closure"):
-        opt.step(closure)
-    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+        loss = opt.step(closure) if positional else opt.step(closure=closure)
+        assert loss.item() == pytest.approx(F.cross_entropy(reference(x), y).item(), rel=1e-12)
+        oracle_run(reference, oracle, [micro])
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), reference.get_parameter(n).detach(), **TOL, msg=n)
 
 
 def test_unconsolidated_or_zero_strength_adds_nothing():

@@ -65,7 +65,7 @@ def check(si, oracle, model):
     assert any(w.abs().sum() > 0 for w in si.importance.values())
 
 
-@pytest.mark.parametrize("loop", ["hook_only", "penalty_in_loss", "add_penalty_grad_"])
+@pytest.mark.parametrize("loop", ["hook_only", "penalty_in_loss", "add_penalty_grad_", "closure"])
 def test_si_matches_oracle_over_three_tasks(loop):
     model, oracle = make_mlp(), Oracle(make_mlp())
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -73,6 +73,16 @@ def test_si_matches_oracle_over_three_tasks(loop):
     for task in range(3):
         x, y = data(task)
         for _ in range(4):
+            if loop == "closure":  # the gradient exists only once step() ran the closure (Lightning)
+                def closure():
+                    opt.zero_grad()
+                    loss = F.cross_entropy(model(x), y)
+                    loss.backward()
+                    return loss
+
+                opt.step(closure)
+                oracle.step(x, y)
+                continue
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             if loop == "penalty_in_loss":
