@@ -29,12 +29,12 @@ int distill_isa() {
 
 void distill_cpu(const void* student, const void* teacher, const uint8_t* mask, float* row_loss,
                  void* grad, int64_t rows, int64_t vocab, int dtype, double temperature,
-                 int num_threads, int isa) {
+                 double grad_scale, int num_threads, int isa) {
     if (isa > distill_isa()) throw std::invalid_argument("distill: this CPU does not support the requested ISA variant");
     switch (isa < 0 ? distill_isa() : isa) {
-        case 2: return isa_avx512::distill(student, teacher, mask, row_loss, grad, rows, vocab, dtype, temperature, num_threads);
-        case 1: return isa_avx2::distill(student, teacher, mask, row_loss, grad, rows, vocab, dtype, temperature, num_threads);
-        default: return isa_baseline::distill(student, teacher, mask, row_loss, grad, rows, vocab, dtype, temperature, num_threads);
+        case 2: return isa_avx512::distill(student, teacher, mask, row_loss, grad, rows, vocab, dtype, temperature, grad_scale, num_threads);
+        case 1: return isa_avx2::distill(student, teacher, mask, row_loss, grad, rows, vocab, dtype, temperature, grad_scale, num_threads);
+        default: return isa_baseline::distill(student, teacher, mask, row_loss, grad, rows, vocab, dtype, temperature, grad_scale, num_threads);
     }
 }
 
