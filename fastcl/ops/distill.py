@@ -34,7 +34,6 @@ logits and walks row chunks, so the full ``[rows, vocab]`` logits never exist at
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 
@@ -106,23 +105,11 @@ def _flat_mask(mask, lead_shape, device) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------- kernels
 
 
-@functools.cache
-def _takes_grad_scale(kernel) -> bool:
-    """Whether a backend kernel takes ``grad_scale`` (the contract); older kernels do not."""
-    try:
-        return "grad_scale" in inspect.signature(kernel).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _distill_impl(
     student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None, grad_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _, kernel = resolve("distill", student.device, student.dtype)
-    if _takes_grad_scale(kernel):
-        return kernel(student, teacher, temperature, mask, grad_scale)
-    row_loss, grad = kernel(student, teacher, temperature, mask)
-    return row_loss, grad.mul_(grad_scale) if grad_scale != 1.0 else grad
+    return kernel(student, teacher, temperature, mask, grad_scale)
 
 
 def _distill_fake(student, teacher, temperature, mask, grad_scale):

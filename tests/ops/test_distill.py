@@ -13,6 +13,7 @@ from fastcl.ops import _dispatch, distill_reference, distillation_loss, fused_li
 from tests.ops._distill_cases import (
     DTYPES,
     KERNEL_DTYPES,
+    Tol,
     assert_matches_oracle,
     assert_nonfinite_contract,
     logits,
@@ -20,17 +21,17 @@ from tests.ops._distill_cases import (
     oracle,
 )
 
+# Triton's interpreter (numpy) warns on the NaN and inf it is given on purpose here.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
 
 def _backends():
-    """Backends that run distill on CPU here. Triton (interpreted) joins once its kernel takes grad_scale."""
+    """Backends that run distill on CPU here (Triton under its interpreter, see tests/conftest.py)."""
     names = []
     for name in ("torch", "cpp", "triton"):
         mod, _ = _dispatch._load(name)
-        if mod is None or "distill" not in mod.OPS or mod.unavailable_reason(torch.device("cpu")):
-            continue
-        if name == "triton" and not distill_mod._takes_grad_scale(mod.OPS["distill"]):
-            continue
-        names.append(name)
+        if mod is not None and "distill" in mod.OPS and not mod.unavailable_reason(torch.device("cpu")):
+            names.append(name)
     return names
 
 
@@ -39,6 +40,14 @@ BACKENDS = _backends()
 
 def kernel(backend):
     return _dispatch._load(backend)[0].OPS["distill"]
+
+
+def backend_tol(backend, dtype, tol):
+    """Triton's interpreter converts float32 to bfloat16 by truncation (compiled Triton rounds to
+    nearest even, as the other backends do): one bfloat16 ulp of gradient error instead of half."""
+    if backend == "triton" and dtype == torch.bfloat16 and getattr(_dispatch._load("triton")[0], "INTERPRETED", False):
+        return Tol(tol.loss, (2**-7, *tol.grad[1:]))
+    return tol
 
 
 def runs(backend, dtype):
@@ -80,7 +89,7 @@ def test_backend_matches_oracle(backend, dtype, tol, shape):
     student, teacher = logits(*shape, dtype, seed=sum(shape))
     mask = torch.arange(shape[0]) % 3 != 1
     row_loss, grad = kernel(backend)(student, teacher, 1.7, mask, 1.0 / shape[0])
-    assert_matches_oracle(row_loss, grad, student, teacher, 1.7, tol, mask, 1.0 / shape[0])
+    assert_matches_oracle(row_loss, grad, student, teacher, 1.7, backend_tol(backend, dtype, tol), mask, 1.0 / shape[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -92,7 +101,7 @@ def test_backend_nonfinite_contract(backend, dtype, tol):
     student, teacher, mask, expect = nonfinite_case(dtype)
     row_loss, grad = kernel(backend)(student, teacher, 2.0, mask, 0.5)
     assert_nonfinite_contract(row_loss, grad, expect)
-    assert_matches_oracle(row_loss, grad, student, teacher, 2.0, tol, mask, 0.5)
+    assert_matches_oracle(row_loss, grad, student, teacher, 2.0, backend_tol(backend, dtype, tol), mask, 0.5)
 
 
 def test_torch_backend_chunks_rows():
@@ -168,23 +177,6 @@ def test_batchmean_grad_is_the_kernels_buffer():
         distill_mod.resolve = original
     assert student.grad.data_ptr() == made[0].data_ptr()
     torch.testing.assert_close(student.grad.double(), oracle(student.detach(), teacher, 2.0, grad_scale=0.25)[1])
-
-
-def test_kernel_without_grad_scale_is_scaled_by_the_op():
-    """A backend still on the old contract (no grad_scale) gets its gradient scaled by the op layer."""
-
-    def legacy(student, teacher, temperature, mask):
-        return distill_reference(student, teacher, temperature, mask)
-
-    student, teacher = logits(4, 9, torch.float64, seed=3)
-    student.requires_grad_()
-    original = distill_mod.resolve
-    distill_mod.resolve = lambda op, device, dtype: ("legacy", legacy)
-    try:
-        distillation_loss(student, teacher, 2.0).backward()
-    finally:
-        distill_mod.resolve = original
-    torch.testing.assert_close(student.grad, oracle(student.detach(), teacher, 2.0, grad_scale=0.25)[1])
 
 
 def test_count_from_a_device_mask(monkeypatch):
