@@ -52,11 +52,12 @@ double penalty(const std::vector<uintptr_t>& params, const std::vector<uintptr_t
 }
 
 void distill(uintptr_t student, uintptr_t teacher, uintptr_t mask, uintptr_t row_loss, uintptr_t grad,
-             int64_t rows, int64_t vocab, int dtype, double temperature, int num_threads, int isa) {
+             int64_t rows, int64_t vocab, int dtype, double temperature, double grad_scale, int num_threads, int isa) {
     py::gil_scoped_release no_gil;
     fastcl::distill_cpu(reinterpret_cast<const void*>(student), reinterpret_cast<const void*>(teacher),
                         reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<float*>(row_loss),
-                        reinterpret_cast<void*>(grad), rows, vocab, dtype, temperature, num_threads, isa);
+                        reinterpret_cast<void*>(grad), rows, vocab, dtype, temperature, grad_scale, num_threads,
+                        isa);
 }
 
 void sqgrad(uintptr_t x, uintptr_t g, uintptr_t out, int64_t B, int64_t T, int64_t I, int64_t O,
@@ -82,9 +83,9 @@ PYBIND11_MODULE(_C, m) {
           "Dtype codes: 0 float32, 1 bfloat16, 2 float16.");
     m.def("distill", &distill, py::arg("student"), py::arg("teacher"), py::arg("mask"), py::arg("row_loss"),
           py::arg("grad"), py::arg("rows"), py::arg("vocab"), py::arg("dtype"), py::arg("temperature"),
-          py::arg("num_threads"), py::arg("isa") = -1,
-          "Per row: row_loss = T²·KL(softmax(t/T) ‖ softmax(s/T)) (float32), grad = T·(softmax(s/T) − "
-          "softmax(t/T)) in the logits' dtype; mask address 0 = no mask, else uint8 per row. isa: -1 = the widest "
+          py::arg("grad_scale"), py::arg("num_threads"), py::arg("isa") = -1,
+          "Per row: row_loss = T²·KL(softmax(t/T) ‖ softmax(s/T)) (float32, unscaled), grad = grad_scale·T·"
+          "(softmax(s/T) − softmax(t/T)) in the logits' dtype; mask address 0 = no mask, else uint8 per row. isa: -1 = the widest "
           "variant this CPU supports, else 0 baseline, 1 avx2, 2 avx512 (for tests).");
     m.def("sqgrad", &sqgrad, py::arg("x"), py::arg("g"), py::arg("out"), py::arg("B"), py::arg("T"), py::arg("I"),
           py::arg("O"), py::arg("x_strides"), py::arg("g_strides"), py::arg("dtype"), py::arg("power"),
