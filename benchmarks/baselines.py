@@ -153,16 +153,22 @@ def plain_forward_backward(model: nn.Module, batches, loss_fn=F.cross_entropy) -
         loss_fn(model(x), y).backward()
 
 
-def fisher_backpack_factory(model: nn.Module) -> Callable | None:
+def _cross_entropy_sum(out, y):
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+def fisher_backpack_factory(model: nn.Module, loss_sum=_cross_entropy_sum) -> Callable | None:
     """BackPACK's ``SumGradSquared`` extension (Dangel et al.), if ``backpack`` is importable:
-    ``Σ_i g_i²`` per parameter from one extended backward pass with a sum-reduced loss."""
+    ``Σ_i g_i²`` per parameter from one extended backward pass of ``loss_sum`` (the sum of the
+    per-sample losses), divided by the sample count. A model with a layer BackPACK has no
+    extension for leaves parameters without ``sum_grad_squared``: that raises, and the row is
+    skipped with the reason."""
     try:
         from backpack import backpack, extend
         from backpack.extensions import SumGradSquared
     except Exception:
         return None
     ext_model = extend(model)
-    loss_mod = extend(nn.CrossEntropyLoss(reduction="sum"))
 
     def run(batches):
         fisher = _zero_like_params(ext_model)
@@ -170,8 +176,10 @@ def fisher_backpack_factory(model: nn.Module) -> Callable | None:
         for x, y in batches:
             ext_model.zero_grad(set_to_none=True)
             with backpack(SumGradSquared()):
-                loss_mod(ext_model(x), y).backward()
+                loss_sum(ext_model(x), y).backward()
             for name, p in ext_model.named_parameters():
+                if not hasattr(p, "sum_grad_squared"):
+                    raise RuntimeError(f"BackPACK computed no sum_grad_squared for {name} (no extension for its layer)")
                 fisher[name] += p.sum_grad_squared.float()
             n += x.shape[0]
         for f in fisher.values():
@@ -181,21 +189,24 @@ def fisher_backpack_factory(model: nn.Module) -> Callable | None:
     return run
 
 
-def fisher_opacus_factory(model: nn.Module) -> Callable | None:
+def fisher_opacus_factory(model: nn.Module, loss_sum=_cross_entropy_sum) -> Callable | None:
     """Opacus' ``GradSampleModule`` (per-sample gradients via module hooks), if importable:
-    ``p.grad_sample`` of a sum-reduced loss, squared and averaged."""
+    ``p.grad_sample`` of ``loss_sum`` (the sum of the per-sample losses), squared and averaged.
+    Constructing it raises for a layer Opacus has no grad sampler for (the row is skipped).
+    Opacus records activations in training mode only: the module is put in training mode, which
+    changes nothing for models without dropout or batch norm (the benchmark's)."""
     try:
         from opacus import GradSampleModule
     except Exception:
         return None
-    gsm = GradSampleModule(model)
+    gsm = GradSampleModule(model, loss_reduction="sum").train()
 
     def run(batches):
         fisher = _zero_like_params(model)
         n = 0
         for x, y in batches:
             gsm.zero_grad(set_to_none=True)
-            F.cross_entropy(gsm(x), y, reduction="sum").backward()
+            loss_sum(gsm(x), y).backward()
             for name, p in model.named_parameters():
                 fisher[name] += p.grad_sample.float().pow(2).sum(0)
                 p.grad_sample = None

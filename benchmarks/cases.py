@@ -66,9 +66,14 @@ PENALTY = {
     "pytest-gpu": (PenaltyCase("fp32 200t/100M", 200, 100_000_000, F32), PenaltyCase("bf16 200t/100M", 200, 100_000_000, BF16)),
 }
 
-_MODELS_QUICK = (ModelCase("mlp", 64, 32), ModelCase("cnn", 32, 16), ModelCase("transformer", 16, 8))
-_MODELS_FULL = (ModelCase("mlp", 512, 128), ModelCase("cnn", 256, 64), ModelCase("transformer", 256, 64))
-_MODELS_PYTEST = (ModelCase("mlp", 256, 128), ModelCase("cnn", 128, 64), ModelCase("transformer", 128, 64))
+# Fisher: the models people retrain. Token models see sequences of inputs.SEQ_LEN (32); the GPT-2
+# case uses batches of 32 sequences, so its batch size equals its sequence length.
+_MODELS_QUICK = (ModelCase("mlp", 64, 32), ModelCase("cnn", 32, 16), ModelCase("transformer", 16, 8),
+                 ModelCase("transformer_emb", 16, 8), ModelCase("transformer_param", 16, 8), ModelCase("gpt2", 64, 32))
+_MODELS_FULL = (ModelCase("mlp", 512, 128), ModelCase("cnn", 256, 64), ModelCase("transformer", 256, 64),
+                ModelCase("transformer_emb", 256, 64), ModelCase("transformer_param", 256, 64), ModelCase("gpt2", 128, 32))
+_MODELS_PYTEST = (ModelCase("mlp", 256, 128), ModelCase("cnn", 128, 64), ModelCase("transformer", 128, 64),
+                  ModelCase("transformer_emb", 128, 64), ModelCase("gpt2", 64, 32))
 FISHER = {"quick": _MODELS_QUICK, "cpu": _MODELS_FULL, "gpu": _MODELS_FULL, "pytest-cpu": _MODELS_PYTEST, "pytest-gpu": _MODELS_PYTEST}
 
 DISTILL = {

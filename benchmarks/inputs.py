@@ -140,8 +140,49 @@ class TinyTransformer(nn.Module):
         return self.head(self.norm(self.blocks(self.inp(x))).mean(1))
 
 
-MODEL_KINDS = ("mlp", "cnn", "transformer")
+class PositionTransformer(nn.Module):
+    """Token embedding + learned positions (``nn.Embedding(arange(T))`` or an ``nn.Parameter [T, d]``),
+    the blocks of :class:`TinyTransformer`, mean-pooled into a classifier. Input: ``[B, T]`` token ids."""
+
+    def __init__(self, vocab: int = 1000, steps: int = 32, d_model: int = 64, heads: int = 4, layers: int = 2,
+                 classes: int = 10, parameter: bool = False):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d_model)
+        self.parameter = parameter
+        self.pos = nn.Parameter(torch.randn(steps, d_model) * 0.02) if parameter else nn.Embedding(steps, d_model)
+        self.blocks = nn.Sequential(*[_Block(d_model, heads) for _ in range(layers)])
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, ids):
+        steps = ids.shape[1]
+        pos = self.pos[:steps] if self.parameter else self.pos(torch.arange(steps, device=ids.device))
+        return self.head(self.norm(self.blocks(self.tok(ids) + pos)).mean(1))
+
+
+class CausalLMLogits(nn.Module):
+    """A Hugging Face causal LM returning its logits ``[B, T, V]`` for ``input_ids [B, T]``."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+def gpt2_shaped(vocab: int = 2000, d_model: int = 128, layers: int = 2, heads: int = 4, positions: int = 64) -> nn.Module:
+    """A small GPT-2 (``transformers.GPT2LMHeadModel``, random weights, no download) behind :class:`CausalLMLogits`."""
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=vocab, n_embd=d_model, n_layer=layers, n_head=heads, n_positions=positions,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return CausalLMLogits(transformers.GPT2LMHeadModel(config))
+
+
+MODEL_KINDS = ("mlp", "cnn", "transformer", "transformer_emb", "transformer_param", "gpt2")
 SEQ_LEN = 32
+VOCAB = {"transformer_emb": 1000, "transformer_param": 1000, "gpt2": 2000}
 
 
 def make_model(kind: str, device, seed: int = 0, *, quick: bool = False) -> nn.Module:
@@ -152,17 +193,29 @@ def make_model(kind: str, device, seed: int = 0, *, quick: bool = False) -> nn.M
         model = small_cnn(8 if quick else 16)
     elif kind == "transformer":
         model = TinyTransformer(d_model=32 if quick else 64, layers=1 if quick else 2)
+    elif kind in ("transformer_emb", "transformer_param"):
+        model = PositionTransformer(d_model=32 if quick else 64, layers=1 if quick else 2, parameter=kind == "transformer_param")
+    elif kind == "gpt2":
+        model = gpt2_shaped(d_model=32 if quick else 128, layers=1 if quick else 2)
     else:
         raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
     return model.to(device).eval()
 
 
 def make_batches(kind: str, n: int, batch: int, device, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``n`` labelled samples shaped for model ``kind``, split into batches of ``batch``."""
+    """``n`` labelled samples shaped for model ``kind``, split into batches of ``batch``.
+
+    Token models get ids ``[n, SEQ_LEN]``; the causal LM (``gpt2``) gets its ids as targets too
+    (sequences of ``SEQ_LEN`` tokens: a batch of 32 has batch size = sequence length).
+    """
     g = torch.Generator().manual_seed(seed)
-    shape = {"mlp": (784,), "cnn": (1, 28, 28), "transformer": (SEQ_LEN, 32)}[kind]
-    x = torch.randn((n, *shape), generator=g).to(device)
-    y = torch.randint(0, 10, (n,), generator=g).to(device)
+    if kind in VOCAB:
+        x = torch.randint(0, VOCAB[kind], (n, SEQ_LEN), generator=g).to(device)
+        y = x if kind == "gpt2" else torch.randint(0, 10, (n,), generator=g).to(device)
+    else:
+        shape = {"mlp": (784,), "cnn": (1, 28, 28), "transformer": (SEQ_LEN, 32)}[kind]
+        x = torch.randn((n, *shape), generator=g).to(device)
+        y = torch.randint(0, 10, (n,), generator=g).to(device)
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
 
 

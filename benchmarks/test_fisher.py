@@ -20,7 +20,10 @@ CASES = {c.label: c for c in cases(suite.OP, size_set(DEVICE, pytest=True))}
 
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request):
-    return (request.param, *suite.make_inputs(CASES[request.param], DEVICE))
+    try:
+        return (request.param, *suite.make_inputs(CASES[request.param], DEVICE))
+    except Unavailable as why:
+        pytest.skip(str(why))
 
 
 @pytest.mark.parametrize("name", list(suite.BASELINES))
@@ -28,7 +31,7 @@ def test_baseline(benchmark, case, name):
     kind, model, batches = case
     benchmark.group = f"fisher {kind}"
     try:
-        fn = suite.baseline_fn(name, model, batches)
+        fn = suite.baseline_fn(name, model, batches, suite.loss_of(kind))
     except Unavailable as why:
         pytest.skip(str(why))
     if suite.BASELINES[name].slow:
@@ -44,6 +47,6 @@ def test_fastcl(benchmark, case, backend):
 
     def run():
         with use_backend(backend):
-            return suite.fastcl_fisher(model, batches)
+            return suite.fastcl_fisher(model, batches, suite.loss_of(kind))
 
     benchmark(run)

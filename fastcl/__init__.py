@@ -9,7 +9,14 @@ from . import scenarios
 from ._version import __version__
 from .data import balanced_sampler, class_counts, class_weights
 from .finetune import GradualUnfreezer, freeze, layerwise_lr_groups, trainable_parameters, unfreeze
-from .importance import PerSampleFallbackWarning, canonical_name, diagonal_fisher, mas_importance, named_trainable_parameters, register_rule
+from .importance import (
+    PerSampleFallbackWarning,
+    canonical_name,
+    diagonal_fisher,
+    mas_importance,
+    named_trainable_parameters,
+    register_rule,
+)
 from .metrics import AccuracyMatrix
 from .ops import BackendUnavailableError, backend_info, distillation_loss, fused_linear_distillation, use_backend
 from .replay import ReplayBuffer

@@ -52,6 +52,8 @@ def test_required_ratios_are_the_targets():
     assert set(REQUIRED) == {
         "penalty_vs_autograd_loop", "penalty_fraction_of_copy_bandwidth", "fisher_vs_per_sample_loop", "fisher_vs_vmap",
         "distill_vs_torch_time", "distill_vs_torch_memory", "fused_linear_distill_vs_torch_memory",
+        "fisher_memory_vs_fwd_bwd", "fisher_vs_fwd_bwd", "fisher_vs_fwd_bwd_cnn", "fisher_vs_fwd_bwd_transformer_emb",
+        "fisher_vs_fwd_bwd_transformer_param", "fisher_vs_fwd_bwd_gpt2", "fisher_memory_vs_fwd_bwd_gpt2",
     }
 
 

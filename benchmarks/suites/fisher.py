@@ -1,12 +1,17 @@
 """Diagonal empirical Fisher over a small data set: fastcl's engine vs what users run instead.
 
-Rows per case (``cases.FISHER``, one per model kind): each entry of :data:`BASELINES` and
-``fastcl[<backend>]`` (``fastcl.importance.diagonal_fisher``, the ``sqgrad`` backend forced).
-**Add a baseline** (e.g. another per-sample-gradient library): write its factory in
-``baselines.py`` (model -> ``fisher(batches)``, or ``None`` when not importable) and add one
-:class:`Baseline` entry to :data:`BASELINES`.
+Rows per case (``cases.FISHER``, one per model kind: MLP, CNN, transformers with float
+features, ``nn.Embedding`` positions and ``Parameter`` positions, a GPT-2-shaped causal LM
+whose batch size equals its sequence length): each entry of :data:`BASELINES` (the
+per-sample loop, ``torch.func`` vmap(grad), BackPACK's ``SumGradSquared``, Opacus' per-sample
+gradients squared, a plain forward+backward as the yardstick) and ``fastcl[<backend>]``
+(``fastcl.importance.diagonal_fisher``, the ``sqgrad`` backend forced). Every row computes
+the same per-sample losses (:data:`LOSSES`: the cross-entropy of a label, or the per-sequence
+next-token loss of the causal LM). **Add a baseline** (e.g. another per-sample-gradient
+library): write its factory in ``baselines.py`` (model, loss -> ``fisher(batches)``, or
+``None`` when not importable) and add one :class:`Baseline` entry to :data:`BASELINES`.
 
-Checks recorded with the rows: fastcl's and vmap's Fisher vs the per-sample loop's.
+Checks recorded with the rows: every other row's Fisher vs the per-sample loop's.
 ``check_sqgrad`` is ``gpu_check.py``'s sqgrad section: the Triton kernel at real layer sizes
 vs the float64 oracle.
 """
@@ -20,6 +25,7 @@ from functools import partial
 
 import baselines as bl
 import torch
+import torch.nn.functional as F
 from cases import DTYPE_NAMES, ModelCase, cases
 from harness.record import Config, Recorder, Unavailable, available_backends, forced, free
 from inputs import make_batches, make_model
@@ -34,42 +40,70 @@ FASTCL_OP = "sqgrad"
 
 
 @dataclass(frozen=True)
-class Baseline:
-    """``make(model)`` returns ``fisher(batches) -> {name: tensor}`` (``None``: its library is not importable)."""
+class Loss:
+    """The per-sample loss of a case, in the three forms the rows need."""
 
-    make: Callable[[torch.nn.Module], Callable | None]
+    per_sample: Callable  # (outputs, targets) -> [B]: fastcl's loss_fn
+    mean: Callable        # (outputs, targets) -> scalar mean: the autograd baselines' loss_fn
+    sum: Callable         # (outputs, targets) -> scalar sum: BackPACK's and Opacus' backward
+
+
+def _causal_lm(per_sample):
+    return Loss(per_sample, lambda o, t: per_sample(o, t).mean(), lambda o, t: per_sample(o, t).sum())
+
+
+CROSS_ENTROPY = Loss(partial(F.cross_entropy, reduction="none"), F.cross_entropy, partial(F.cross_entropy, reduction="sum"))
+
+
+def loss_of(label: str) -> Loss:
+    if label == "gpt2":
+        from fastcl.integrations.hf import causal_lm_per_sequence_loss
+
+        return _causal_lm(causal_lm_per_sequence_loss)
+    return CROSS_ENTROPY
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """``make(model, loss)`` returns ``fisher(batches) -> {name: tensor}`` (``None``: its library is not importable)."""
+
+    make: Callable[[torch.nn.Module, Loss], Callable | None]
     note: str | None = None
     slow: bool = False   # seconds per call: few repetitions
 
 
 BASELINES: dict[str, Baseline] = {
-    "per_sample_loop": Baseline(lambda m: partial(bl.fisher_per_sample_loop, m), slow=True),
-    "vmap_grad": Baseline(lambda m: partial(bl.fisher_vmap, m)),
-    "squared_minibatch (wrong)": Baseline(lambda m: partial(bl.fisher_squared_minibatch, m),
+    "per_sample_loop": Baseline(lambda m, loss: partial(bl.fisher_per_sample_loop, m, loss_fn=loss.mean), slow=True),
+    "vmap_grad": Baseline(lambda m, loss: partial(bl.fisher_vmap, m, loss_fn=loss.mean)),
+    "squared_minibatch (wrong)": Baseline(lambda m, loss: partial(bl.fisher_squared_minibatch, m, loss_fn=loss.mean),
                                           note="not the Fisher: squares of mini-batch mean gradients"),
-    "plain_fwd_bwd": Baseline(lambda m: partial(bl.plain_forward_backward, m),
+    "plain_fwd_bwd": Baseline(lambda m, loss: partial(bl.plain_forward_backward, m, loss_fn=loss.mean),
                               note="one ordinary forward+backward pass over the same data (yardstick)"),
-    "backpack": Baseline(lambda m: bl.fisher_backpack_factory(copy.deepcopy(m))),
-    "opacus": Baseline(lambda m: bl.fisher_opacus_factory(copy.deepcopy(m))),
+    "backpack": Baseline(lambda m, loss: bl.fisher_backpack_factory(copy.deepcopy(m), loss.sum)),
+    "opacus": Baseline(lambda m, loss: bl.fisher_opacus_factory(copy.deepcopy(m), loss.sum)),
 }
 REFERENCE = "per_sample_loop"  # the exact Fisher the others are checked against
 
 
-def fastcl_fisher(model, batches):
-    return diagonal_fisher(model, batches, kind="empirical")
+def fastcl_fisher(model, batches, loss: Loss = CROSS_ENTROPY):
+    return diagonal_fisher(model, batches, None if loss is CROSS_ENTROPY else loss.per_sample, kind="empirical")
 
 
 def make_inputs(case: ModelCase, device, *, quick: bool = False):
-    """The model (eval mode) and the labelled batches of one case."""
-    return make_model(case.label, device, quick=quick), make_batches(case.label, case.samples, case.batch, device)
+    """The model (eval mode) and the labelled batches of one case; :class:`Unavailable` when it cannot be built."""
+    try:
+        model = make_model(case.label, device, quick=quick)
+    except ImportError as exc:
+        raise Unavailable(f"{case.label} needs {exc.name or exc}") from exc
+    return model, make_batches(case.label, case.samples, case.batch, device)
 
 
-def baseline_fn(name: str, model, batches) -> Callable[[], object]:
+def baseline_fn(name: str, model, batches, loss: Loss = CROSS_ENTROPY) -> Callable[[], object]:
     """Zero-argument call of baseline ``name`` on ``batches``; raises :class:`Unavailable` with the reason."""
     try:
-        run = BASELINES[name].make(model)
+        run = BASELINES[name].make(model, loss)
     except Exception as exc:  # noqa: BLE001 - a factory that breaks on this model is a skipped row
-        raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
+        raise Unavailable(f"{type(exc).__name__}: {exc}".splitlines()[0][:300]) from exc
     if run is None:
         raise Unavailable(f"{name} not importable")
     return partial(run, batches)
@@ -92,28 +126,38 @@ def _keep(outputs: dict, name: str, fn: Callable) -> Callable:
 
 def _bench_case(cfg: Config, rec: Recorder, case: ModelCase) -> None:
     device, label = cfg.device, case.label
-    model, batches = make_inputs(case, device, quick=cfg.quick)
+    try:
+        model, batches = make_inputs(case, device, quick=cfg.quick)
+    except Unavailable as why:
+        for name in [*BASELINES, "fastcl[*]"]:
+            rec.skip(OP, name, label, str(why))
+        return
+    loss = loss_of(label)
     size = sum(p.numel() for p in model.parameters())
     outputs: dict = {}  # the last result of each row, for the checks below
+    rows: dict = {}
     for name, spec in BASELINES.items():
         try:
-            fn = baseline_fn(name, model, batches)
+            rows[name] = baseline_fn(name, model, batches, loss)
         except Unavailable as why:
             rec.skip(OP, name, label, str(why))
-            continue
-        rec.measure(OP, name, label, size, _keep(outputs, name, fn), slow=spec.slow, note=spec.note)
     fastcl_rows = []
     for b in available_backends(device, FASTCL_OP, torch.float32, on_skip=lambda b, why: rec.skip(OP, f"fastcl[{b}]", label, why)):
-        impl = f"fastcl[{b}]"
-        if rec.measure(OP, impl, label, size, forced(b, _keep(outputs, impl, partial(fastcl_fisher, model, batches)))) is not None:
-            fastcl_rows.append(impl)
+        fastcl_rows.append(f"fastcl[{b}]")
+        rows[f"fastcl[{b}]"] = forced(b, partial(fastcl_fisher, model, batches, loss))
+    # Everything but the per-sample loop (seconds per call) is timed round-robin on the same inputs.
+    slow = {n for n in rows if n in BASELINES and BASELINES[n].slow}
+    interleaved = {n: _keep(outputs, n, fn) for n, fn in rows.items() if n not in slow}
+    notes = {n: BASELINES[n].note for n in interleaved if n in BASELINES and BASELINES[n].note}
+    rec.measure_group(OP, label, size, interleaved, notes=notes)
+    for n in slow:
+        rec.measure(OP, n, label, size, _keep(outputs, n, rows[n]), slow=True, note=BASELINES[n].note)
     ref = outputs.get(REFERENCE)
     if ref is None:
         return
-    for impl in fastcl_rows:
-        rec.check(f"fisher {label} {impl} vs per-sample loop", lambda impl=impl: bl.rel_err(outputs[impl], ref))
-    rec.check(f"fisher {label} vmap vs per-sample loop",
-              lambda: bl.rel_err(outputs.get("vmap_grad") or bl.fisher_vmap(model, batches), ref))
+    for impl in [*fastcl_rows, "vmap_grad", "backpack", "opacus"]:
+        if impl in outputs:
+            rec.check(f"fisher {label} {impl} vs per-sample loop", lambda impl=impl: bl.rel_err(outputs[impl], ref))
 
 
 # ---------------------------------------------------------------------------- gpu_check.py

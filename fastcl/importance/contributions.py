@@ -29,7 +29,8 @@ import torch
 
 from ..ops.sqgrad import sqgrad_into
 
-__all__ = ["ConvGrads", "Dense", "Factored", "Sparse", "accumulate", "coalesce", "power_of"]
+__all__ = ["ConvGrads", "Dense", "Factored", "Sparse", "accumulate", "coalesce", "power_of", "rows_of",
+           "sparse_correction"]
 
 _BUDGET_BYTES = 64 * 2**20  # ceiling for the per-sample buffers of one chunk ...
 _MIN_BUDGET_BYTES = 2**20  # ... which otherwise stay within the layer's own activation size
@@ -196,32 +197,40 @@ def _accumulate_factored(items, out, power, batch):
 def _sparse_correction(factored, sp: Sparse, out, power):
     r"""Add ``Σ_{(b,r)} |A_b[r] + E_b[r]|^p − |A_b[r]|^p`` over the rows each sample's sparse part touches.
 
-    ``A_b = Σ_t g[b,t]ᵀ x[b,t]`` (the factored part, ``[O, I]`` with ``O`` = table rows) is
-    needed only at those rows: ``A_b[r] = Σ_t g[b,t,r] x[b,t]``, one small batched matmul over
-    the at most ``R`` rows per sample (padded).
+    ``A_b = Σ_t g[b,t]ᵀ x[b,t]`` is the factored part (``[O, I]``, ``O`` = table rows).
     """
-    if sp.sample.numel() == 0:
-        return
-    acc = out.dtype
+    if sp.sample.numel():
+        sparse_correction(out, sp.row, rows_of(factored, sp.sample, sp.row, out.dtype), sp.values, power)
+
+
+def rows_of(factored: list, sample: torch.Tensor, row: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    r"""``A_b[r] = Σ_items Σ_t g[b,t,r] x[b,t]`` for the pairs ``(sample, row)`` (sorted by sample): ``[N, I]``.
+
+    One small batched matmul over at most ``R`` rows per sample (padded), never ``A_b`` whole.
+    """
     batch = factored[0].batch
-    counts = torch.bincount(sp.sample, minlength=batch)
+    counts = torch.bincount(sample, minlength=batch)
     starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(sp.sample.numel(), device=sp.sample.device) - starts[sp.sample]
-    width = int(counts.max())
-    rows = torch.zeros((batch, width), dtype=torch.long, device=sp.sample.device)
-    rows[sp.sample, pos] = sp.row
-    a = torch.zeros((batch, width, out.shape[-1] if out.dim() > 1 else 1), dtype=acc, device=out.device)
+    pos = torch.arange(sample.numel(), device=sample.device) - starts[sample]
+    width = int(counts.max()) if sample.numel() else 0
+    rows = torch.zeros((batch, width), dtype=torch.long, device=sample.device)
+    rows[sample, pos] = row
+    a = torch.zeros((batch, width, factored[0].cols), dtype=dtype, device=sample.device)
     for c in factored:
-        g = c.g.to(acc)  # [B, T, O]
+        g = c.g.to(dtype)  # [B, T, O]
         picked = torch.gather(g, 2, rows.unsqueeze(1).expand(-1, g.shape[1], -1))  # [B, T, R]
-        a.baddbmm_(picked.transpose(1, 2), c.x.to(acc))
-    a_rows = a[sp.sample, pos].view(sp.values.shape[0], -1)  # [N, I]
-    e = sp.values.to(acc).view_as(a_rows)
+        a.baddbmm_(picked.transpose(1, 2), c.x.to(dtype))
+    return a[sample, pos]
+
+
+def sparse_correction(out, row, a_rows, values, power) -> None:
+    """``out[r] += |a + e|^p − |a|^p`` at the listed rows (``a``: the factored part there, ``e``: the sparse values)."""
+    e = values.to(a_rows.dtype).view_as(a_rows)
     if power == 2:
         delta = e * (2 * a_rows + e)  # (A + E)² − A² without cancellation
     else:
         delta = (a_rows + e).abs() - a_rows.abs()
-    out.view(sp.num_rows, -1).index_add_(0, sp.row, delta)
+    out.view(out.shape[0], -1).index_add_(0, row, delta)
 
 
 def _accumulate_dense(items, out, power, batch):

@@ -38,7 +38,7 @@ from .._dtypes import acc_dtype
 from ..distributed import is_dtensor
 from .batches import default_batch, truncate
 from .capture import Capture, rebuild
-from .contributions import Dense, accumulate
+from .contributions import Dense, Factored, Sparse, accumulate, coalesce, rows_of, sparse_correction
 from .fallback import Runner, per_sample_accumulate
 from .objectives import check_losses
 from .provenance import Batched, Tracer, Unknown, per_sample
@@ -111,6 +111,8 @@ class ImportancePass:
         self.buffers: dict[int, torch.Tensor] = {}
         self.uses_by_key: dict = {}
         self.failed: dict[str, str] = {}
+        self.tied: dict[str, list] = {}  # parameter -> its embedding uses, when a linear use shares it
+        self.tied_rows: dict[str, tuple] = {}
         self.size = 0
 
     # ------------------------------------------------------------------ install
@@ -195,6 +197,7 @@ class ImportancePass:
                     "max_samples; cutting cuts every tensor whose dim 0 equals the first tensor's"
                 )
             counted = self.objective.counted(outputs, targets, size)
+            del outputs  # the backward needs only the graph: a plain backward would not hold them either
             if size == 0:
                 return 0, 0
             self.size = size
@@ -210,7 +213,7 @@ class ImportancePass:
                 self._rules(losses)
             reasons.update(self.failed)
             fallback = [n for n in self.selected if n in self.fallback or n in self.failed]
-            del outputs, losses
+            del losses
             self.live = False
             capture.begin(None)
             if fallback:
@@ -279,7 +282,24 @@ class ImportancePass:
             self.immediate = set()  # one sample: plain gradients join the rules' contributions
         else:
             self.immediate = {n for n, c in sources.items() if c == 1 and batched_only[n]}
+            self._find_tied(sources)
         return reasons
+
+    def _find_tied(self, sources) -> None:
+        """Parameters used by one batched linear map and batched embeddings only (a tied LM head)."""
+        from .rules.embedding import EmbeddingRule
+
+        uses = defaultdict(list)
+        for use in self.capture.uses:
+            for slot in self.active.get(use.key, ()):
+                uses[use.slots[slot]].append((use, slot))
+        for name, found in uses.items():
+            embeddings = [u for u, _ in found if isinstance(u.rule, EmbeddingRule)]
+            others = [(u, s) for u, s in found if not isinstance(u.rule, EmbeddingRule)]
+            if (embeddings and len(others) == 1 and others[0][1] == "weight" and sources[name] == len(found)
+                    and all(isinstance(u.x_tag, Batched) for u, _ in found)
+                    and type(others[0][0].rule).__name__ in ("LinearRule", "MatmulRule")):
+                self.tied[name] = embeddings
 
     def _guard_memory(self, reasons, size) -> None:
         """Dense per-sample buffers above :data:`DENSE_LIMIT_BYTES` send their parameters to the fallback."""
@@ -323,10 +343,15 @@ class ImportancePass:
             del grads
             self._shared_uses()
             for name, items in self.stash.items():
-                if name not in self.failed:
+                if name in self.failed:
+                    continue
+                if name in self.tied_rows:
+                    self._finish_tied(name, items)
+                else:
                     accumulate(items, self.acc[name], self.power)
             self.stash.clear()
             self.buffers.clear()
+            self.tied_rows.clear()
         for name in self.failed:
             if name in snapshot:
                 self.acc[name].copy_(snapshot[name])
@@ -338,8 +363,35 @@ class ImportancePass:
             contribution = Dense(contribution.reshape(contribution.shape[0], -1).to(self.acc[name].dtype))
         if name in self.immediate:
             accumulate([contribution], self.acc[name], self.power)
+        elif name in self.tied and type(contribution) is Factored and not self.stash.get(name):
+            self._fold_tied(name, contribution)
         else:
             self.stash[name].append(contribution)
+
+    def _fold_tied(self, name, factored) -> None:
+        """A tied head's per-sample gradient ``A_b``: add ``Σ_b |A_b|^p`` now and keep ``A_b`` only at the
+        rows the sample's tokens touch, so the head's output gradient is not held until the embedding's
+        contribution arrives (see :func:`~.contributions.rows_of`)."""
+        acc = self.acc[name]
+        pairs = [use.rule.touched(use.call, per_sample(use.call.x, use.x_tag)) for use in self.tied[name]]
+        if len(pairs) == 1:
+            sample, row = pairs[0]
+        else:
+            num_rows = acc.shape[0]
+            key = torch.unique(torch.cat([s * num_rows + r for s, r in pairs]))
+            sample, row = key // num_rows, key % num_rows
+        accumulate([factored], acc, self.power)
+        self.tied_rows[name] = (sample, row, rows_of([factored], sample, row, acc.dtype))
+
+    def _finish_tied(self, name, items) -> None:
+        sample, row, a_rows = self.tied_rows[name]
+        if not all(isinstance(c, Sparse) for c in items):
+            raise AssertionError(f"internal error: unexpected contributions for the tied parameter {name}")
+        sp = items[0] if len(items) == 1 else coalesce(torch.cat([c.sample for c in items]), torch.cat([c.row for c in items]),
+                                                       torch.cat([c.values for c in items]), items[0].num_rows)
+        if not (torch.equal(sp.sample, sample) and torch.equal(sp.row, row)):
+            raise AssertionError(f"internal error: the embedding rows of {name} changed between forward and backward")
+        sparse_correction(self.acc[name], row, a_rows, sp.values, self.power)
 
     def _on_use_grad(self, use, call, saved, g) -> None:
         """From a batched use's backward: per-sample views of ``x`` and ``g`` to the rule."""

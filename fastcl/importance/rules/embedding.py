@@ -41,15 +41,29 @@ class EmbeddingRule(Rule):
     def input_grad(self, call, saved, g):
         return None  # integer indices
 
+    def _lookups(self, call, x):
+        """``(sample, row, keep)`` of every lookup of the per-sample ids ``x [B, ...]`` (``keep``: not padding)."""
+        batch = x.shape[0]
+        ids = x.reshape(batch, -1)
+        sample = torch.arange(batch, device=ids.device).repeat_interleave(ids.shape[1])
+        ids = ids.reshape(-1).long()
+        keep = None if call.meta["padding_idx"] is None else ids != call.meta["padding_idx"]
+        return sample, ids, keep
+
+    def touched(self, call, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(sample, row)`` pairs the per-sample gradients have rows for, sorted as :func:`coalesce` sorts them."""
+        sample, ids, keep = self._lookups(call, x)
+        if keep is not None:
+            sample, ids = sample[keep], ids[keep]
+        num_rows = call.params["weight"].shape[0]
+        key = torch.unique(sample * num_rows + ids)
+        return key // num_rows, key % num_rows
+
     def contributions(self, call, x, g, saved, slots):
         if "weight" not in slots:
             return {}
-        batch, num_rows = x.shape[0], call.params["weight"].shape[0]
-        ids = x.reshape(batch, -1)
+        sample, ids, keep = self._lookups(call, x)
         values = g.reshape(-1, g.shape[-1]).to(acc_dtype(g.dtype))
-        sample = torch.arange(batch, device=ids.device).repeat_interleave(ids.shape[1])
-        ids = ids.reshape(-1).long()
-        if call.meta["padding_idx"] is not None:
-            keep = ids != call.meta["padding_idx"]
+        if keep is not None:
             sample, ids, values = sample[keep], ids[keep], values[keep]
-        return {"weight": coalesce(sample, ids, values, num_rows)}
+        return {"weight": coalesce(sample, ids, values, call.params["weight"].shape[0])}
