@@ -60,8 +60,11 @@ def _check_logits(outputs, kind):
         raise ValueError(f'kind="{kind}" needs categorical logits outputs of shape [B, C]; got {_describe(outputs)}')
 
 
-def _check_labels(outputs, targets) -> None:
-    """The default loss's inputs: logits ``[B, C]`` and integer labels in ``[0, C)`` or ``IGNORE_INDEX``."""
+def _check_labels(outputs, targets) -> bool:
+    """The default loss's inputs: logits ``[B, C]`` and integer labels in ``[0, C)`` or ``IGNORE_INDEX``.
+
+    Returns whether every label is in ``[0, C)`` (no ``IGNORE_INDEX``: every sample counts).
+    """
     _need_tensor(outputs, "the default loss (cross-entropy)")
     if targets is None:
         raise ValueError(
@@ -87,10 +90,10 @@ def _check_labels(outputs, targets) -> None:
         )
     classes = outputs.shape[1]
     if targets.numel() == 0:
-        return
+        return True
     low, high = torch.aminmax(targets)
     if int(low) >= 0 and int(high) < classes:
-        return
+        return True
     valid = targets != IGNORE_INDEX
     bad = valid & ((targets < 0) | (targets >= classes))
     if bool(bad.any()):
@@ -99,6 +102,7 @@ def _check_labels(outputs, targets) -> None:
             f"targets contain the label {label}, outside [0, {classes}) for logits with {classes} classes "
             f"(use {IGNORE_INDEX} for samples without a label)"
         )
+    return False
 
 
 def _cross_entropy(outputs, targets, extra):
@@ -158,10 +162,12 @@ class FisherObjective(_Objective):
         super().__init__(output_fn)
         self.kind, self.top_k = kind, top_k
         self.empirical = _cross_entropy if loss_fn is None else _UserLoss(loss_fn)
+        self._all_labelled = False  # set by check() for each batch
 
     def check(self, outputs, targets) -> None:
+        self._all_labelled = False
         if self.kind == "empirical" and self.empirical is _cross_entropy:
-            _check_labels(outputs, targets)
+            self._all_labelled = _check_labels(outputs, targets)
         elif self.kind != "empirical":
             _check_logits(outputs, self.kind)
 
@@ -183,7 +189,9 @@ class FisherObjective(_Objective):
                 for j in range(classes.shape[1])]
 
     def counted(self, outputs, targets, size: int) -> int:
-        return _count_labelled(targets, size) if self.kind == "empirical" else size
+        if self.kind != "empirical" or self._all_labelled:
+            return size
+        return _count_labelled(targets, size)
 
 
 class MASObjective(_Objective):

@@ -373,7 +373,7 @@ _RULE_CACHE: dict = {}
 
 def _rule_of(func):
     """The rule of an op; an in-place op (``add_``) uses the rule of its functional form (``add``)."""
-    rule = _RULE_CACHE.get(func)
+    rule = _RULE_CACHE.get(id(func))  # ops are long-lived singletons; their own __hash__ is slow Python
     if rule is None:
         rule = _RULES.get(func.overloadpacket)
         if rule is None:
@@ -387,20 +387,20 @@ def _rule_of(func):
                     pointwise = pointwise or (overload is not None and torch.Tag.pointwise in overload.tags)
             if rule is None:
                 rule = _pointwise if pointwise else _default
-        _RULE_CACHE[func] = rule
+        _RULE_CACHE[id(func)] = rule
     return rule
 
 
 def _mutated_args(func):
     """``[(position, name, keyword-only)]`` of the arguments ``func`` writes into (in-place and ``out=`` ops)."""
-    found = _MUTATED_CACHE.get(func)
+    found = _MUTATED_CACHE.get(id(func))
     if found is None:
         found = tuple(
             (i, a.name, a.kwarg_only)
             for i, a in enumerate(func._schema.arguments)
             if a.alias_info is not None and a.alias_info.is_write
         )
-        _MUTATED_CACHE[func] = found
+        _MUTATED_CACHE[id(func)] = found
     return found
 
 
