@@ -37,6 +37,5 @@ int distill_isa();
 void sqgrad_cpu(const void* x, const void* g, float* out, int64_t B, int64_t T, int64_t I, int64_t O,
                 const int64_t* x_strides, const int64_t* g_strides, int dtype, int power, int num_threads,
                 int isa = -1);
-int sqgrad_tile_cols(int isa = -1);
 
 }  // namespace fastcl

@@ -23,12 +23,4 @@ void sqgrad_cpu(const void* x, const void* g, float* out, int64_t B, int64_t T, 
     }
 }
 
-int sqgrad_tile_cols(int isa) {
-    switch (isa < 0 ? distill_isa() : isa) {
-        case 2: return sqgrad_avx512::register_tile_cols();
-        case 1: return sqgrad_avx2::register_tile_cols();
-        default: return sqgrad_baseline::register_tile_cols();
-    }
-}
-
 }  // namespace fastcl

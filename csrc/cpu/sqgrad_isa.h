@@ -10,8 +10,6 @@ namespace fastcl {
     namespace NS {                                                                                         \
     void sqgrad(const void* x, const void* g, float* out, int64_t B, int64_t T, int64_t I, int64_t O,      \
                 const int64_t* x_strides, const int64_t* g_strides, int dtype, int power, int num_threads); \
-    int register_tile_rows();                                                                              \
-    int register_tile_cols();                                                                              \
     }
 FASTCL_DECLARE_SQGRAD(sqgrad_baseline)
 FASTCL_DECLARE_SQGRAD(sqgrad_avx2)
