@@ -184,7 +184,7 @@ class ImportancePass:
             with torch.enable_grad(), _Modes(modes):
                 outputs, targets = self.forward(self.model, batch)
                 outputs = self.objective.outputs(outputs)
-            self.objective.check(outputs, targets)
+            self.objective.check(outputs, targets)  # outside the modes: its tensor queries would all be intercepted
             with torch.enable_grad(), _Modes(modes):
                 variants = self.objective.variants(outputs, targets)
                 losses = [loss(outputs, targets, extra) for loss, extra in variants]
