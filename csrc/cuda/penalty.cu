@@ -167,6 +167,7 @@ __global__ void __launch_bounds__(kThreads) penalty_kernel(const int64_t* __rest
             }
             if constexpr (MODE != kValueOnly) store_vec<PS, kVec>(g + v * kVec, gv);
         }
+#pragma unroll 1
         for (int64_t i = n_vec * kVec + threadIdx.x; i < n; i += kThreads) {
             const float d = P::load(load_one(p + i)) - A::load(load_one(a + i));
             float wf = 1.0f;
