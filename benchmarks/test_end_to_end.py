@@ -1,80 +1,37 @@
-"""One EWC training epoch: plain training, the autograd-loop EWC baseline and fastcl's EWC.
+"""One EWC training epoch: plain training, the baselines of ``suites/e2e.py`` and fastcl's EWC.
 
     pytest benchmarks/test_end_to_end.py --benchmark-only --benchmark-group-by=group
 """
 from __future__ import annotations
 
-import copy
-
-import baselines as bl
 import pytest
-import torch
-import torch.nn.functional as F
-from _cases import fastcl_backends, make_batches, make_model
+from cases import cases, size_set
 from conftest import bench_device
+from harness.record import available_backends, forced
+from suites import e2e as suite
 
-import fastcl
-
-LAMBDA = 100.0
 # Tests set ``benchmark.group`` to "ewc epoch <case>" so each case is its own comparison table.
 pytestmark = pytest.mark.benchmark(group="ewc epoch")
 DEVICE = bench_device()
-CASES = {"mlp": (1024, 128), "cnn": (256, 64), "transformer": (256, 64)}
+CASES = {c.label: c for c in cases(suite.OP, size_set(DEVICE, pytest=True))}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def case(request):
-    n, batch = CASES[request.param]
-    model = make_model(request.param, DEVICE).train()
-    batches = make_batches(request.param, n, batch, DEVICE, seed=1)
-    g = torch.Generator().manual_seed(5)
-    fisher = {k: torch.rand(p.shape, generator=g).to(DEVICE) for k, p in model.named_parameters()}
-    anchors = {k: p.detach().clone() for k, p in model.named_parameters()}
-    return request.param, model, batches, fisher, anchors
+def inputs(request):
+    return request.param, suite.make_inputs(CASES[request.param], DEVICE)
 
 
-def _fresh(model):
-    m = copy.deepcopy(model)
-    return m, torch.optim.SGD(m.parameters(), lr=1e-3)
-
-
-def test_plain(benchmark, case):
-    kind, model, batches, _, _ = case
+@pytest.mark.parametrize("name", list(suite.BASELINES))
+def test_baseline(benchmark, inputs, name):
+    kind, inp = inputs
     benchmark.group = f"ewc epoch {kind}"
-    m, opt = _fresh(model)
-    benchmark(bl.plain_epoch, m, batches, opt)
+    benchmark(inp.baseline_epoch(name))
 
 
-def test_autograd_loop_ewc(benchmark, case):
-    kind, model, batches, fisher, anchors = case
+@pytest.mark.parametrize("mode", list(suite.MODES))
+@pytest.mark.parametrize("backend", available_backends(DEVICE, suite.FASTCL_OP))
+def test_fastcl_ewc(benchmark, inputs, backend, mode):
+    kind, inp = inputs
     benchmark.group = f"ewc epoch {kind}"
-    m, opt = _fresh(model)
-    benchmark(bl.ewc_autograd_loop_epoch, m, batches, opt, anchors, fisher, LAMBDA)
-
-
-@pytest.mark.parametrize("mode", ["add_penalty_grad_", "penalty"])
-@pytest.mark.parametrize("backend", fastcl_backends(DEVICE, "penalty"))
-def test_fastcl_ewc(benchmark, case, backend, mode):
-    kind, model, batches, _, _ = case
-    benchmark.group = f"ewc epoch {kind}"
-    if not hasattr(fastcl, "EWC"):
-        pytest.skip("fastcl.EWC not available yet")
-    m, opt = _fresh(model)
-    try:
-        ewc = fastcl.EWC(m, LAMBDA)
-        ewc.consolidate(batches)  # default backends; the epoch below forces the penalty's
-    except Exception as exc:  # noqa: BLE001 - e.g. the Fisher engine has not landed
-        pytest.skip(f"EWC.consolidate failed: {type(exc).__name__}: {exc}")
-
-    def epoch():
-        with fastcl.ops.use_backend(backend):
-            for x, y in batches:
-                opt.zero_grad(set_to_none=True)
-                if mode == "add_penalty_grad_":
-                    F.cross_entropy(m(x), y).backward()
-                    ewc.add_penalty_grad_()
-                else:
-                    (F.cross_entropy(m(x), y) + ewc.penalty()).backward()
-                opt.step()
-
-    benchmark(epoch)
+    epoch = inp.fastcl_epochs()[mode]  # consolidated with the default backends; the epoch forces the penalty's
+    benchmark(forced(backend, epoch))

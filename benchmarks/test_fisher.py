@@ -1,69 +1,49 @@
-"""Diagonal empirical Fisher over a small data set: fastcl's engine vs the baselines.
+"""Diagonal empirical Fisher over a small data set: fastcl's engine vs the baselines of ``suites/fisher.py``.
 
     pytest benchmarks/test_fisher.py --benchmark-only --benchmark-group-by=group
 """
 from __future__ import annotations
 
-import baselines as bl
 import pytest
-from _cases import fastcl_backends, make_batches, make_model
+from cases import cases, size_set
 from conftest import bench_device
+from harness.record import Unavailable, available_backends
+from suites import fisher as suite
 
-import fastcl
+from fastcl.ops import use_backend
 
 # Tests set ``benchmark.group`` to "fisher <case>" so each case is its own comparison table.
 pytestmark = pytest.mark.benchmark(group="fisher")
 DEVICE = bench_device()
-CASES = {"mlp": (256, 128), "cnn": (128, 64), "transformer": (128, 64)}
-
-try:
-    from fastcl.importance import diagonal_fisher
-except Exception as exc:  # noqa: BLE001 - the engine may not have landed yet
-    diagonal_fisher, MISSING = None, f"fastcl.importance.diagonal_fisher not importable: {exc}"
-else:
-    MISSING = None
+CASES = {c.label: c for c in cases(suite.OP, size_set(DEVICE, pytest=True))}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request):
-    n, batch = CASES[request.param]
-    return request.param, make_model(request.param, DEVICE), make_batches(request.param, n, batch, DEVICE)
+    return (request.param, *suite.make_inputs(CASES[request.param], DEVICE))
 
 
-def test_per_sample_loop(benchmark, case):
+@pytest.mark.parametrize("name", list(suite.BASELINES))
+def test_baseline(benchmark, case, name):
     kind, model, batches = case
     benchmark.group = f"fisher {kind}"
-    benchmark.pedantic(bl.fisher_per_sample_loop, (model, batches), rounds=3, warmup_rounds=1)
+    try:
+        fn = suite.baseline_fn(name, model, batches)
+    except Unavailable as why:
+        pytest.skip(str(why))
+    if suite.BASELINES[name].slow:
+        benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    else:
+        benchmark(fn)
 
 
-def test_vmap(benchmark, case):
-    kind, model, batches = case
-    benchmark.group = f"fisher {kind}"
-    benchmark(bl.fisher_vmap, model, batches)
-
-
-def test_squared_minibatch_wrong(benchmark, case):
-    """Not the Fisher (squares of mini-batch gradients); timed because it is common."""
-    kind, model, batches = case
-    benchmark.group = f"fisher {kind}"
-    benchmark(bl.fisher_squared_minibatch, model, batches)
-
-
-def test_plain_forward_backward(benchmark, case):
-    kind, model, batches = case
-    benchmark.group = f"fisher {kind}"
-    benchmark(bl.plain_forward_backward, model, batches)
-
-
-@pytest.mark.parametrize("backend", fastcl_backends(DEVICE, "sqgrad"))
+@pytest.mark.parametrize("backend", available_backends(DEVICE, suite.FASTCL_OP))
 def test_fastcl(benchmark, case, backend):
     kind, model, batches = case
     benchmark.group = f"fisher {kind}"
-    if diagonal_fisher is None:
-        pytest.skip(MISSING)
 
     def run():
-        with fastcl.ops.use_backend(backend):
-            return diagonal_fisher(model, batches, kind="empirical")
+        with use_backend(backend):
+            return suite.fastcl_fisher(model, batches)
 
     benchmark(run)

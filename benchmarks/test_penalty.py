@@ -1,4 +1,4 @@
-"""Anchored penalty, value + gradient: fastcl per backend vs the baselines.
+"""Anchored penalty, value + gradient: fastcl per backend vs the baselines of ``suites/penalty.py``.
 
     pytest benchmarks/test_penalty.py --benchmark-only --benchmark-group-by=group
 """
@@ -6,60 +6,48 @@ from __future__ import annotations
 
 import baselines as bl
 import pytest
-import torch
-from _cases import fastcl_backends, make_penalty_set, param_shapes, penalty_bytes
+from cases import cases, size_set
 from conftest import bench_device
+from harness.record import available_backends
+from suites import penalty as suite
 
-import fastcl
+from fastcl.ops import use_backend
 
-LAMBDA = 100.0
 # Tests set ``benchmark.group`` to "penalty <case>" so each case is its own comparison table.
 pytestmark = pytest.mark.benchmark(group="penalty")
 DEVICE = bench_device()
-CASES = {"fp32 50t/2M": (50, 2_000_000, torch.float32), "bf16 50t/2M": (50, 2_000_000, torch.bfloat16)}
-if DEVICE.type == "cuda":
-    CASES = {"fp32 200t/100M": (200, 100_000_000, torch.float32), "bf16 200t/100M": (200, 100_000_000, torch.bfloat16)}
+CASES = {c.label: c for c in cases(suite.OP, size_set(DEVICE, pytest=True))}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def case(request):
-    n, total, dtype = CASES[request.param]
-    return request.param, make_penalty_set(param_shapes(n, total), dtype, DEVICE), dtype
+def inputs(request):
+    return suite.make_inputs(CASES[request.param], DEVICE)
 
 
-def _group(benchmark, label, s, dtype):
-    benchmark.group = f"penalty {label}"
-    benchmark.extra_info["bytes"] = penalty_bytes(s.numel, dtype)
+def _group(benchmark, inp):
+    benchmark.group = f"penalty {inp.case.label}"
+    benchmark.extra_info["bytes"] = inp.nbytes
 
 
-def test_autograd_loop(benchmark, case):
-    label, s, dtype = case
-    _group(benchmark, label, s, dtype)
-    benchmark(bl.autograd_loop_step, s.params, s.anchors, s.weights, LAMBDA)
+@pytest.mark.parametrize("name", list(suite.BASELINES))
+def test_baseline(benchmark, inputs, name):
+    _group(benchmark, inputs)
+    benchmark(suite.BASELINES[name], inputs.sets[0])
 
 
-def test_foreach(benchmark, case):
-    label, s, dtype = case
-    _group(benchmark, label, s, dtype)
-    benchmark(bl.foreach_penalty, s.params, s.anchors, s.weights, s.grads, LAMBDA)
+def test_copy_same_bytes(benchmark, inputs):
+    _group(benchmark, inputs)
+    benchmark(bl.copy_same_bytes(inputs.nbytes, DEVICE))
 
 
-def test_copy_same_bytes(benchmark, case):
-    label, s, dtype = case
-    _group(benchmark, label, s, dtype)
-    benchmark(bl.copy_same_bytes(penalty_bytes(s.numel, dtype), DEVICE))
-
-
-@pytest.mark.parametrize("backend", fastcl_backends(DEVICE, "penalty"))
-def test_fastcl(benchmark, case, backend):
-    label, s, dtype = case
-    _group(benchmark, label, s, dtype)
-    if backend not in fastcl_backends(DEVICE, "penalty", dtype):
-        pytest.skip(f"fastcl[{backend}] cannot run penalty in {dtype}")
-    grads = s.grads
+@pytest.mark.parametrize("backend", available_backends(DEVICE, suite.FASTCL_OP))
+def test_fastcl(benchmark, inputs, backend):
+    _group(benchmark, inputs)
+    if backend not in available_backends(DEVICE, suite.FASTCL_OP, inputs.case.dtype):
+        pytest.skip(f"fastcl[{backend}] cannot run penalty in {inputs.case.dtype}")
 
     def run():
-        with fastcl.ops.use_backend(backend):
-            return fastcl.ops.penalty(s.params, s.anchors, s.weights, scale=LAMBDA, grads=grads)
+        with use_backend(backend):
+            return suite.fastcl_step(inputs.sets[0])
 
     benchmark(run)

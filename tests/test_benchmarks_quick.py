@@ -1,5 +1,6 @@
 """Smoke test of the benchmark harness: ``benchmarks/run.py --quick`` runs, writes a
-well-formed results JSON with every required ratio, plots, and renders into a README.
+well-formed results JSON with every required ratio, plots, and renders into a README;
+full runs append to the results history, quick ones do not.
 
 No timing is asserted (speed belongs in benchmarks/); only the shape of the output.
 """
@@ -14,19 +15,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ROOT / "benchmarks" / "run.py"
-RENDER = ROOT / "benchmarks" / "render_readme.py"
+BENCH = ROOT / "benchmarks"
+RUN = BENCH / "run.py"
+RENDER = BENCH / "render_readme.py"
 ROW_KEYS = {"op": str, "impl": str, "case": str, "ms_median": float, "ms_p20": float, "ms_p80": float, "peak_mb": float}
-REQUIRED = (
-    "penalty_vs_autograd_loop",
-    "penalty_fraction_of_copy_bandwidth",
-    "fisher_vs_per_sample_loop",
-    "fisher_vs_vmap",
-    "distill_vs_torch_time",
-    "distill_vs_torch_memory",
-    "fused_linear_distill_vs_torch_memory",
-)
-MEMORY_RATIOS = ("distill_vs_torch_memory", "fused_linear_distill_vs_torch_memory")
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+from harness import report  # noqa: E402
+from ratios import RATIOS, REQUIRED  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +46,13 @@ def quick_run(tmp_path_factory):
     files = sorted(out.glob("*.json"))
     assert len(files) == 1, f"expected one results JSON in {out}, found {[f.name for f in files]}"
     return out, files[0], json.loads(files[0].read_text()), proc.stdout
+
+
+def test_required_ratios_are_the_targets():
+    assert set(REQUIRED) == {
+        "penalty_vs_autograd_loop", "penalty_fraction_of_copy_bandwidth", "fisher_vs_per_sample_loop", "fisher_vs_vmap",
+        "distill_vs_torch_time", "distill_vs_torch_memory", "fused_linear_distill_vs_torch_memory",
+    }
 
 
 def test_header(quick_run):
@@ -87,7 +90,7 @@ def test_required_ratios(quick_run):
             assert value is None and details[name].get("reason"), f"{name}: expected n/a with a reason while the Fisher engine is missing"
             continue
         assert isinstance(value, float) and math.isfinite(value), f"{name} = {value!r} ({details.get(name)})"
-        assert value >= 0 if name in MEMORY_RATIOS else value > 0, f"{name} = {value}"
+        assert value >= 0 if RATIOS[name].kind == "mem" else value > 0, f"{name} = {value}"
         assert details[name].get("backend"), f"{name}: no backend recorded"
 
 
@@ -113,3 +116,15 @@ def test_render_readme(quick_run, tmp_path):
     proc = subprocess.run([sys.executable, str(RENDER), str(path), "--write", str(readme)], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "perf:start" in (proc.stderr + proc.stdout)
     assert readme.read_text() == "# no markers here\n"
+
+
+def test_history(quick_run, tmp_path):
+    out, path, result, _ = quick_run
+    assert not (out / report.HISTORY).exists(), "a --quick run must not append to the results history"
+    first = report.append_history(result, tmp_path)
+    report.append_history({**result, "commit": "abc"}, tmp_path)
+    lines = [json.loads(line) for line in first.read_text().splitlines()]
+    assert len(lines) == 2 and [e["commit"] for e in lines] == [result["commit"], "abc"]
+    for entry in lines:
+        assert entry["date"] == result["date"] and entry["machine"] == result["cpu"] and entry["threads"] == result["threads"]
+        assert entry["ratios"] == result["ratios"]

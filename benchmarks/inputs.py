@@ -1,4 +1,4 @@
-"""Inputs for the benchmarks: parameter lists, models and synthetic data.
+"""Inputs for the benchmarks: parameter lists, models, logits and synthetic data.
 
 Everything is built from a seeded generator so that two runs (and the pytest suites)
 time the same thing.
@@ -22,6 +22,8 @@ __all__ = [
     "make_model",
     "make_batches",
     "MODEL_KINDS",
+    "make_logits",
+    "make_lm_head",
 ]
 
 
@@ -46,15 +48,13 @@ def param_shapes(n_tensors: int, total: int, seed: int = 0) -> list[tuple[int, .
 
 @dataclass
 class PenaltySet:
-    """θ (leaves with ``.grad`` already present, as after ``loss.backward()``), anchors a, importances w."""
+    """θ (leaves with ``.grad`` already present, as after ``loss.backward()``), anchors a,
+    importances w, and ``grads``: the list of those ``.grad`` tensors (updated in place)."""
 
     params: list[torch.Tensor]
     anchors: list[torch.Tensor]
     weights: list[torch.Tensor]
-
-    @property
-    def grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.params]
+    grads: list[torch.Tensor]
 
     @property
     def numel(self) -> int:
@@ -76,7 +76,7 @@ def make_penalty_set(shapes, dtype: torch.dtype, device, seed: int = 0) -> Penal
         params.append(p)
         anchors.append(a)
         weights.append(torch.rand(shape, generator=g, device=device).to(dtype))
-    return PenaltySet(params, anchors, weights)
+    return PenaltySet(params, anchors, weights, [p.grad for p in params])
 
 
 def penalty_bytes(numel: int, dtype: torch.dtype) -> int:
@@ -166,18 +166,24 @@ def make_batches(kind: str, n: int, batch: int, device, seed: int = 0) -> list[t
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
 
 
-def fastcl_backends(device, op: str, dtype: torch.dtype = torch.float32) -> list[str]:
-    """fastcl backends that can run fastcl op ``op`` (penalty, sqgrad, distill) on ``device``.
 
-    Triton on CPU is the interpreter (a test vehicle), so only ``cpp`` and ``torch`` are
-    candidates there; on CUDA: ``cuda``, ``triton``, ``torch``.
-    """
-    from fastcl.ops import backend_info, use_backend
+# ---------------------------------------------------------------------------- logits
 
-    device = torch.device(device)
-    out = []
-    for b in (("cuda", "triton", "torch") if device.type == "cuda" else ("cpp", "torch")):
-        with use_backend(b):
-            if not backend_info(device, dtype)[op].startswith("unavailable"):
-                out.append(b)
-    return out
+
+def make_logits(rows: int, vocab: int, dtype: torch.dtype, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student logits (a leaf that requires grad) and teacher logits, both ``3·N(0, 1)``, ``[rows, vocab]``."""
+    g = torch.Generator().manual_seed(seed)
+    s = (3 * torch.randn(rows, vocab, generator=g)).to(device=device, dtype=dtype).requires_grad_(True)
+    t = (3 * torch.randn(rows, vocab, generator=g)).to(device=device, dtype=dtype)
+    return s, t
+
+
+def make_lm_head(rows: int, vocab: int, hidden: int, dtype: torch.dtype, device, seed: int = 0):
+    """``(h, W, h_t, W_t)``: student hidden states and LM-head weight (leaves that require grad),
+    teacher hidden states and weight; weights scaled by ``1/√hidden``."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, hidden, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    W = (torch.randn(vocab, hidden, generator=g) / math.sqrt(hidden)).to(device=device, dtype=dtype).requires_grad_(True)
+    ht = torch.randn(rows, hidden, generator=g).to(device=device, dtype=dtype)
+    Wt = (torch.randn(vocab, hidden, generator=g) / math.sqrt(hidden)).to(device=device, dtype=dtype)
+    return h, W, ht, Wt
