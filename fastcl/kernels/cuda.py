@@ -80,7 +80,7 @@ def _device_table(addresses, sizes, device: torch.device, stream: int) -> tuple[
     return table, n_chunks
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _max_partials(index: int) -> int:
     return _cuda.penalty_max_partials(_cuda.multiprocessor_count(index))
 
