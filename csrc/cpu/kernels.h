@@ -9,6 +9,8 @@ namespace fastcl {
 // Elements per work item of the penalty. Work items never straddle tensors; their
 // partial sums are added in item order, so the value does not depend on the thread count.
 constexpr int64_t kPenaltyChunk = 1 << 16;
+// Elements per OpenMP thread at least (shorter lists run on fewer threads).
+constexpr int64_t kPenaltyGrain = 1 << 17;
 
 // value = scale · Σ_t Σ_k w·φ(θ−a) (φ = d²/2 for kQuadratic, |d| for kL1);
 // grad_mode kAccumulate: grads[t] += scale·w·φ'(θ−a); kStore: grads[t] = scale·w·φ'(θ−a)

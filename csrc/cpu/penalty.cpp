@@ -154,7 +154,13 @@ double penalty_cpu(int64_t num_tensors, const void* const* params, const void* c
             items.push_back({t, off, sizes[t] - off < kPenaltyChunk ? sizes[t] - off : kPenaltyChunk});
     }
     if (items.empty()) return 0.0;
-    const double sum = fn(params, anchors, weights, grads, items, float(scale), num_threads < 1 ? 1 : num_threads);
+    // a thread per kPenaltyGrain elements at most: a short list is not worth an OpenMP fork/join
+    // (the value does not depend on the thread count, whatever it is)
+    int64_t total = 0;
+    for (int64_t t = 0; t < num_tensors; ++t) total += sizes[t];
+    const int64_t useful = (total + kPenaltyGrain - 1) / kPenaltyGrain;
+    const int threads = int(num_threads < 1 ? 1 : (useful < num_threads ? useful : num_threads));
+    const double sum = fn(params, anchors, weights, grads, items, float(scale), threads);
     return penalty_value_factor(kind, scale) * sum;
 }
 

@@ -67,7 +67,9 @@ partial values are added.
 """
 from __future__ import annotations
 
+import bisect
 import inspect
+import itertools
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -154,11 +156,20 @@ class _Guard:
     change without changing their addresses: dtype, shape, strides, device, requires_grad
     and (for gradients) being an inference tensor. Sparse tensors have no address."""
 
-    __slots__ = ("compiled", "meta")
+    __slots__ = ("compiled", "meta", "dedupe")
 
     def __init__(self, tensors, grads):
+        # TensorGuards refuses a tensor object listed twice (e.g. one weight tensor for
+        # every position): such lists are guarded by their first occurrences
+        self.dedupe = len({id(t) for t in (*tensors, *grads)}) != len(tensors) + len(grads)
+        if self.dedupe:
+            tensors, grads = self._first(tensors), self._first(grads)
         self.compiled = _make_guard([*tensors, *grads]) if _make_guard is not None else None
         self.meta = None if self.compiled is not None else self._meta(tensors, grads)
+
+    @staticmethod
+    def _first(tensors):
+        return list({id(t): t for t in tensors}.values())
 
     @staticmethod
     def _meta(tensors, grads):
@@ -166,6 +177,8 @@ class _Guard:
         return (*map(_META, both), *(t.stride() for t in both), *(g.is_inference() for g in grads))
 
     def check(self, tensors, grads) -> bool:
+        if self.dedupe:
+            tensors, grads = self._first(tensors), self._first(grads)
         if self.compiled is not None:
             return self.compiled.check(*tensors, *grads)
         return self._meta(tensors, grads) == self.meta
@@ -291,11 +304,12 @@ def _make_plan(params, anchors, weights, grads) -> _Plan:
     return _Plan(tuple(out), tuple(tuple(v) for v in strided.values()), tuple(p.numel() for p in params), acc_dtype_of(params))
 
 
-def _extent(t: torch.Tensor) -> tuple[int, int]:
-    """[first byte, one past the last byte) that ``t``'s elements touch."""
+def _extent(t: torch.Tensor, address: int) -> tuple[int, int]:
+    """[first byte, one past the last byte) that ``t``'s elements touch (``address`` = ``t.data_ptr()``)."""
+    if t.is_contiguous():
+        return address, address + t.numel() * t.element_size()
     span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-    start = t.data_ptr()
-    return start, start + span * t.element_size()
+    return address, address + span * t.element_size()
 
 
 def _element_starts(t: torch.Tensor) -> torch.Tensor:
@@ -307,13 +321,15 @@ def _element_starts(t: torch.Tensor) -> torch.Tensor:
 
 
 def _share_memory(a: torch.Tensor, b: torch.Tensor | None) -> bool:
-    """Whether ``a`` and ``b`` have a byte in common (``b=None``: ``a`` with itself)."""
+    """Whether ``a`` and ``b`` (whose extents intersect) have a byte in common (``b=None``: ``a`` with itself)."""
     if b is None:
         status = torch._debug_has_internal_overlap(a)
         if status != 2:
             return status == 1
         starts = _element_starts(a)
         return bool((starts[1:] < starts[:-1] + a.element_size()).any())
+    if a.device != b.device:
+        return False
     if _layout_order(a) is not None and _layout_order(b) is not None:
         return True  # dense tensors whose extents intersect share bytes
     sa, sb = _element_starts(a), _element_starts(b)
@@ -326,39 +342,69 @@ def _share_memory(a: torch.Tensor, b: torch.Tensor | None) -> bool:
     return bool(((starts[1:] < ends[:-1]) & (owner[1:] != owner[:-1])).any())
 
 
-def _check_aliasing(params, anchors, weights, grads) -> None:
+@dataclass(frozen=True)
+class _Spans:
+    """The inputs' byte extents sorted by start, for the gradients' aliasing check."""
+
+    starts: list[int]
+    ends_max: list[int]  # running maximum of the ends, in start order
+    items: list[tuple[int, int, str, torch.Tensor]]  # (start, end, label, tensor) in start order
+
+    @classmethod
+    def of(cls, lists, addresses) -> _Spans:
+        items = []
+        for label, seq, addr in zip(("params", "anchors", "weights"), lists, addresses):
+            for i, t in enumerate(seq or ()):
+                if t.numel():
+                    items.append((*_extent(t, addr[i]), f"{label}[{i}]", t))
+        items.sort(key=lambda item: item[0])
+        return cls([it[0] for it in items], list(itertools.accumulate((it[1] for it in items), max)), items)
+
+    def overlapping(self, start: int, end: int):
+        """The inputs whose extents intersect [start, end)."""
+        j = bisect.bisect_left(self.starts, end)
+        if j == 0 or self.ends_max[j - 1] <= start:
+            return []
+        return [it for it in self.items[:j] if it[1] > start]
+
+
+def _check_aliasing(grads, grad_addresses, spans: _Spans) -> None:
     """No gradient shares memory with another gradient or with any θ, a, w."""
+    own = []
     for i, g in enumerate(grads):
-        if g.numel() and _share_memory(g, None):
+        if not g.numel():
+            continue
+        if _share_memory(g, None):
             raise ValueError(f"grads[{i}] has overlapping elements (e.g. an expanded tensor); it cannot be written in place")
-    spans = []
-    for label, seq in (("grads", grads), ("params", params), ("anchors", anchors), ("weights", weights)):
-        for i, t in enumerate(seq or ()):
-            if t.numel():
-                spans.append((*_extent(t), label, i, t))
-    spans.sort(key=lambda s: s[0])
-    for j, (start, end, label, i, t) in enumerate(spans):
-        for start2, _, label2, i2, t2 in spans[j + 1:]:
+        start, end = _extent(g, grad_addresses[i])
+        own.append((start, end, i, g))
+        for _, _, label, t in spans.overlapping(start, end):
+            if _share_memory(g, t):
+                raise ValueError(f"grads[{i}] shares memory with {label}; the gradients written by the penalty must not "
+                                 "overlap each other or its inputs (the same tensor twice, overlapping views)")
+    own.sort(key=lambda item: item[0])
+    for j, (start, end, i, g) in enumerate(own):
+        for start2, _, i2, g2 in own[j + 1:]:
             if start2 >= end:
                 break
-            if "grads" not in (label, label2) or t.device != t2.device:
-                continue
-            if _share_memory(t, t2):
-                a, b = (f"{label}[{i}]", f"{label2}[{i2}]") if label == "grads" else (f"{label2}[{i2}]", f"{label}[{i}]")
-                raise ValueError(f"{a} shares memory with {b}; the gradients written by the penalty must not "
-                                 "overlap each other or its inputs (the same tensor twice, overlapping views)")
+            if _share_memory(g, g2):
+                raise ValueError(f"grads[{min(i, i2)}] shares memory with grads[{max(i, i2)}]; the gradients written by "
+                                 "the penalty must not overlap each other or its inputs (the same tensor twice, overlapping views)")
 
 
-_plans: OrderedDict[tuple, tuple[_Guard, _Plan]] = OrderedDict()
-
-
-def _remember(key, guard, plan):
-    _plans[key] = (guard, plan)
-    while len(_plans) > _CACHE_SIZE:
+def _cached(cache: OrderedDict, key, value):
+    cache[key] = value
+    while len(cache) > _CACHE_SIZE:
         try:
-            _plans.popitem(last=False)
+            cache.popitem(last=False)
         except KeyError:  # emptied meanwhile by another thread
             break
+
+
+# input lists -> (guard, plan without gradients, the inputs' spans); (input key, gradient
+# addresses) -> (guard of the gradients, plan with them)
+_inputs: OrderedDict[tuple, tuple[_Guard, _Plan, _Spans]] = OrderedDict()
+_with_grads: OrderedDict[tuple, tuple[_Guard, _Plan]] = OrderedDict()
 
 
 def _addresses(seq) -> list[int]:
@@ -368,31 +414,38 @@ def _addresses(seq) -> list[int]:
 def _prepare(params, anchors, weights, grads, *, own_grads: bool = False) -> tuple[_Plan, list[list[int]]]:
     """Validate (or find validated) lists; return the plan and the address lists (θ, a, w, grad).
 
-    ``own_grads``: ``grads`` are fresh ``torch.empty_like(params[i])`` buffers of the caller
-    (correct by construction: only the inputs are validated and cached).
+    Two cache levels: the inputs (θ, a, w: the same every step), then the gradients with
+    them (new tensors after every ``zero_grad(set_to_none=True)``, whose validation then
+    costs only their own checks). ``own_grads``: ``grads`` are fresh
+    ``torch.empty_like(params[i])`` buffers of the caller, correct by construction.
     """
-    checked = grads if not own_grads else None
     try:
         addresses = [_addresses(params), _addresses(anchors), [] if weights is None else _addresses(weights),
                      [] if grads is None else _addresses(grads)]
-    except Exception:  # not tensors, or tensors without storage (sparse): the checks below say which
-        addresses = None
-    if addresses is not None:
-        key = (len(params), weights is None, checked is None, *addresses[0], *addresses[1], *addresses[2],
-               *(addresses[3] if checked is not None else ()))
-        hit = _plans.get(key)
-        # inside inference mode a guard cannot tell inference tensors from others: no cache
-        if hit is not None and not (checked and torch.is_inference_mode_enabled()) and \
-                hit[0].check([*params, *anchors, *(weights or ())], checked or ()):
-            return hit[1], addresses
-    _validate_inputs(params, anchors, weights)
-    if checked is not None:
-        _validate_grads(params, checked)
-        _check_aliasing(params, anchors, weights, checked)
-    if addresses is None:
-        raise TypeError("params, anchors, weights and grads must be lists of dense tensors with storage")
-    plan = _make_plan(params, anchors, weights, checked)
-    _remember(key, _Guard([*params, *anchors, *(weights or ())], checked or ()), plan)
+    except Exception:  # not tensors, or tensors without storage (sparse): the checks say which
+        _validate_inputs(params, anchors, weights)
+        if grads is not None:
+            _validate_grads(params, grads)
+        raise TypeError("params, anchors, weights and grads must be lists of dense tensors with storage") from None
+    inputs = [*params, *anchors, *(weights or ())]
+    key = (len(params), weights is None, *addresses[0], *addresses[1], *addresses[2])
+    entry = _inputs.get(key)
+    if entry is None or not entry[0].check(inputs, ()):
+        _validate_inputs(params, anchors, weights)
+        entry = (_Guard(inputs, ()), _make_plan(params, anchors, weights, None), _Spans.of((params, anchors, weights), addresses))
+        _cached(_inputs, key, entry)
+    if grads is None or own_grads:
+        return entry[1], addresses
+    grad_key = (key, *addresses[3])
+    hit = _with_grads.get(grad_key)
+    # inside inference mode a guard cannot tell inference tensors from others: no cache there
+    if hit is not None and not torch.is_inference_mode_enabled() and hit[0].check((), grads):
+        return hit[1], addresses
+    _validate_grads(params, grads)
+    _check_aliasing(grads, addresses[3], entry[2])
+    same_layout = all(g.is_contiguous() for g in grads) and all(p.is_contiguous() for p in params)
+    plan = entry[1] if same_layout else _make_plan(params, anchors, weights, grads)
+    _cached(_with_grads, grad_key, (_Guard((), grads), plan))
     return plan, addresses
 
 
@@ -441,9 +494,12 @@ def _run(plan: _Plan, params, anchors, weights, grads, addresses, scale: float, 
         pick = lambda seq: None if seq is None else [seq[i] for i in idx]  # noqa: E731
         parts.append(penalty_reference(pick(params), pick(anchors), pick(weights), scale, kind, pick(grads), store=store))
     out_device = params[0].device
-    total = torch.zeros((), dtype=plan.value_dtype, device=out_device)
-    for part in parts:
-        total = total + part.to(device=out_device, dtype=plan.value_dtype)
+    parts = [part.to(device=out_device, dtype=plan.value_dtype) for part in parts]
+    if not parts:  # every tensor is empty
+        return torch.zeros((), dtype=plan.value_dtype, device=out_device)
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
     return total
 
 

@@ -31,7 +31,6 @@ def _load_setup():
 
 SETUP = _load_setup()
 NVCC = SETUP.find_nvcc()
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA_HOME, CUDA_PATH, PATH)")
 needs_gpu = pytest.mark.skipif(
     not torch.cuda.is_available() or cuda_backend._cuda is None,
     reason=f"needs a CUDA device and fastcl._cuda ({cuda_backend.BUILD_ERROR or 'no CUDA device'})",

@@ -260,6 +260,24 @@ def test_cache_sees_new_values_and_new_tensors_at_old_addresses():
         assert_grads_close(grads, want_grads, torch.float32)
 
 
+def test_one_tensor_at_several_positions_is_cached_and_rechecked():
+    """One weight tensor for every position (a tensor object listed twice) is fine and cached;
+    gradients that are new tensors after zero_grad(set_to_none=True) are checked again."""
+    params, anchors, _, start = small_set(seed=6)
+    weights = [torch.rand(4, 3, generator=torch.Generator().manual_seed(7))] * 3
+    for _ in range(2):
+        grads = [s.clone() for s in start]
+        value = penalty(params, anchors, weights, scale=0.5, grads=grads)
+        want_value, want_grads = expected(params, anchors, weights, 0.5, "quadratic", start)
+        assert value.item() == pytest.approx(want_value, rel=1e-5)
+        assert_grads_close(grads, want_grads, torch.float32)
+    with pytest.raises(ValueError, match="shares memory"):
+        penalty(params, anchors, weights, grads=[grads[0], grads[1], grads[1]])
+    weights[0].resize_(2, 6)
+    with pytest.raises(ValueError, match=r"weights\[0\] has shape"):
+        penalty(params, anchors, weights, grads=grads)
+
+
 @pytest.mark.parametrize(
     "kwargs,error",
     [
