@@ -167,7 +167,8 @@ def triton_tunables() -> dict:
     pick = lambda mod, names: {n: getattr(mod, n, None) for n in names}  # noqa: E731
     return {
         "penalty": pick(kp, ("BLOCK", "CHUNK", "NUM_WARPS", "PROGRAMS_PER_SM", "REDUCE_BLOCK")),
-        "sqgrad": pick(ks, ("BLOCK_O", "BLOCK_I", "BLOCK_T", "NUM_WARPS", "NUM_STAGES", "TARGET_PROGRAMS_PER_SM", "MAX_BATCH_SPLITS", "FP32_INPUT_PRECISION")),
+        "sqgrad": {**pick(ks, ("BLOCK_O", "BLOCK_I", "BLOCK_T", "NUM_STAGES", "TARGET_WARPS_PER_SM", "MAX_BATCH_SPLITS", "FP32_INPUT_PRECISION")),
+                   "tiles_for(16, 9, 784)": ks.tiles_for(16, 9, 784), "tiles_for(768, 768, 128)": ks.tiles_for(768, 768, 128)},
         "distill": {"MAX_BLOCK_V": getattr(kd, "MAX_BLOCK_V", None), "num_warps_for(MAX_BLOCK_V)": kd.num_warps_for(kd.MAX_BLOCK_V)},
     }
 

@@ -4,7 +4,13 @@ import os
 import pytest
 import torch
 
-pytestmark = pytest.mark.triton
+# Padding lanes compute −inf − −inf and all −inf rows log2(0) (IEEE results the kernel
+# relies on); the interpreter's numpy warns about them.
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+]
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
@@ -19,19 +25,31 @@ DEVICE = torch.device("cpu" if kt.INTERPRETED else "cuda")
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-def expected(student, teacher, temperature, mask=None):
-    """Per-row T²·Σ p_t (log p_t − log p_s) (p_t = 0 terms dropped) and T·(p_s − p_t), float64."""
+def expected(student, teacher, temperature, mask=None, grad_scale=1.0):
+    """Per-row T²·Σ p_t (log p_t − log p_s) and grad_scale·T·(p_s − p_t), float64.
+
+    As the contract says: a term is exactly 0 iff p_t == 0; everything else is IEEE
+    arithmetic of the formula, so a row with a NaN, a +inf, or all −inf (teacher or
+    student: no softmax exists) has a NaN loss and a NaN in every gradient entry; a
+    student −inf under p_t > 0 gives +inf. Masked rows are 0 whatever they hold.
+    """
     s = student.double() / temperature
     t = teacher.double() / temperature
     log_ps = s - torch.logsumexp(s, -1, keepdim=True)
     log_pt = t - torch.logsumexp(t, -1, keepdim=True)
     pt = log_pt.exp()
     terms = pt * (log_pt - log_ps)
-    loss = temperature**2 * torch.where(pt > 0, terms, torch.zeros_like(terms)).sum(-1)
-    grad = temperature * (log_ps.exp() - pt)
+    loss = temperature**2 * torch.where(pt == 0, torch.zeros_like(terms), terms).sum(-1)
+    grad = grad_scale * temperature * (log_ps.exp() - pt)
+    undefined = torch.zeros_like(loss, dtype=torch.bool)
+    for z in (s, t):
+        undefined |= torch.isnan(z).any(-1) | (z == float("inf")).any(-1) | (z == float("-inf")).all(-1)
+    loss = torch.where(undefined, float("nan"), loss)
+    grad = torch.where(undefined[:, None], float("nan"), grad)
     if mask is not None:
-        loss = loss * mask
-        grad = grad * mask[:, None]
+        mask = mask.bool()
+        loss = torch.where(mask, loss, torch.zeros_like(loss))
+        grad = torch.where(mask[:, None], grad, torch.zeros_like(grad))
     return loss, grad
 
 
@@ -54,8 +72,7 @@ def check(row_loss, grad, student, teacher, temperature, mask=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("V", [1, 5, 300])
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("masked, temperature", [(False, 1.0), (True, 2.5)])
 def test_kernel_matches_formula(dtype, V, masked, temperature):
     student, teacher = make(5, V, dtype, seed=V)
     mask = torch.tensor([True, False, True, True, False], device=DEVICE) if masked else None
@@ -87,6 +104,68 @@ def test_teacher_minus_infinity_contributes_zero():
     row_loss, grad = kt.OPS["distill"](student, teacher, 1.5, None)
     check(row_loss, grad, student, teacher, 1.5)
     torch.testing.assert_close(grad[1, :36].double(), 1.5 * torch.softmax(student[1].double() / 1.5, -1)[:36], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_scale_scales_gradient_only(dtype):
+    student, teacher = make(3, 37, dtype, seed=12)
+    row_loss, grad = kt.OPS["distill"](student, teacher, 2.0, None, 0.125)
+    want_loss, want_grad = expected(student, teacher, 2.0, grad_scale=0.125)
+    torch.testing.assert_close(row_loss.double(), want_loss, rtol=1e-4, atol=4e-5)
+    tol = GRAD_TOL[dtype]
+    torch.testing.assert_close(grad.double(), want_grad, rtol=tol, atol=tol * 0.25)
+
+
+def test_non_finite_rows_follow_the_contract():
+    """NaN anywhere, +inf teacher or student, all −inf teacher or student: NaN loss and NaN
+    gradient on that row only; a student −inf under p_t > 0: +inf loss, finite gradient;
+    p_t == 0 (teacher −inf) terms: exactly 0, even where the student is −inf too; a masked
+    row: 0 whatever it holds."""
+    inf, nan = float("inf"), float("nan")
+    student, teacher = make(11, 21, torch.float32, seed=13)
+    student[0, 4] = nan
+    teacher[1, 7] = nan
+    teacher[2, 3] = inf
+    student[3, 9] = inf
+    teacher[4, :] = -inf
+    student[5, :] = -inf
+    student[6, 2] = -inf                                  # p_t > 0 there
+    teacher[7, ::3] = -inf
+    student[7, ::3] = -inf                                # p_t == 0 wherever p_s == 0
+    student[8, 5] = nan                                   # masked out below
+    teacher[9, 0] = -inf                                  # one p_t == 0 term, row otherwise finite
+    mask = torch.ones(11, dtype=torch.bool, device=DEVICE)
+    mask[8] = False
+    row_loss, grad = kt.OPS["distill"](student, teacher, 1.5, mask, 0.5)
+    want_loss, want_grad = expected(student, teacher, 1.5, mask, grad_scale=0.5)
+    nan_rows = [0, 1, 2, 3, 4, 5]
+    assert torch.isnan(want_loss[nan_rows]).all() and torch.isnan(want_grad[nan_rows]).all()
+    assert torch.isnan(row_loss[nan_rows]).all() and torch.isnan(grad[nan_rows]).all()
+    assert row_loss[6].item() == inf == want_loss[6].item() and torch.isfinite(grad[6]).all()
+    assert row_loss[8].item() == 0 and torch.all(grad[8] == 0)
+    finite = [6, 7, 8, 9, 10]
+    torch.testing.assert_close(grad[finite].double(), want_grad[finite], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(row_loss[[7, 9, 10]].double(), want_loss[[7, 9, 10]], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, rows", [(torch.float32, 4), (torch.bfloat16, 8)])
+def test_rows_at_every_phase_of_a_16_byte_boundary(monkeypatch, dtype, rows):
+    """V = 37 (odd): successive rows start at every element phase of a 16-byte boundary, so
+    the aligned walk runs its masked head, unmasked 16-wide body blocks and masked tail."""
+    monkeypatch.setattr(kdi, "MAX_BLOCK_V", 16)
+    student, teacher = make(rows, 37, dtype, seed=14)
+    assert kdi.plan(student, teacher, 2.0, None)[0].options["ALIGNED"]
+    row_loss, grad = kdi.distill(student, teacher, 2.0, None)
+    check(row_loss, grad, student, teacher, 2.0)
+
+
+def test_student_view_at_odd_offset_walks_unaligned(monkeypatch):
+    monkeypatch.setattr(kdi, "MAX_BLOCK_V", 16)
+    student, teacher = make(3, 37, torch.float32, seed=15)
+    shifted = torch.cat([student.new_zeros(1), student.reshape(-1)])[1:].view(3, 37)
+    assert not kdi.plan(shifted, teacher, 2.0, None)[0].options["ALIGNED"]
+    row_loss, grad = kdi.distill(shifted, teacher, 2.0, None)
+    check(row_loss, grad, shifted, teacher, 2.0)
 
 
 def test_large_vocabulary():

@@ -63,14 +63,21 @@ def check(value, grads_before, grads_after, params, anchors, weights, scale, kin
 
 @pytest.mark.parametrize("p_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("s_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_weights", [True, False])
-@pytest.mark.parametrize("kind", ["quadratic", "l1"])
-@pytest.mark.parametrize("with_grads", [True, False])
-def test_kernel_matches_formula(p_dtype, s_dtype, with_weights, kind, with_grads):
-    params, anchors, weights, grads = make_inputs(SIZES, p_dtype, s_dtype, with_weights, with_grads)
-    before = None if grads is None else [g.clone() for g in grads]
-    value = kt.OPS["penalty"](params, anchors, weights, 0.75, kind, grads)
-    check(value, before, grads, params, anchors, weights, 0.75, kind)
+@pytest.mark.parametrize("with_weights, kind, grads", [
+    (True, "quadratic", "accumulate"),
+    (True, "l1", "store"),
+    (False, "quadratic", "store"),
+    (False, "l1", None),
+])
+def test_kernel_matches_formula(p_dtype, s_dtype, with_weights, kind, grads):
+    """Every dtype pair in every gradient mode; store=True gets NaN-filled grads (never read)."""
+    params, anchors, weights, grad_list = make_inputs(SIZES, p_dtype, s_dtype, with_weights, grads is not None)
+    store = grads == "store"
+    if store:
+        grad_list = [torch.full_like(g, float("nan")) for g in grad_list]
+    before = None if grad_list is None else [torch.zeros_like(g) if store else g.clone() for g in grad_list]
+    value = kt.OPS["penalty"](params, anchors, weights, 0.75, kind, grad_list, store=store)
+    check(value, before, grad_list, params, anchors, weights, 0.75, kind)
 
 
 @pytest.mark.parametrize("kind", ["quadratic", "l1"])
@@ -107,6 +114,43 @@ def test_unaligned_views_into_flat_buffer():
     before = [g.clone() for g in grads]
     value = kt.OPS["penalty"](params, anchors, weights, 2.0, "quadratic", grads)
     check(value, before, grads, params, anchors, weights, 2.0, "quadratic")
+
+
+def _heads(params, anchors, weights, grads):
+    """Per tensor (head of all four, head of θ and grad) from the kernel's table."""
+    table, _ = kpen._chunk_table((params, anchors, weights, grads), [p.numel() for p in params], DEVICE)
+    n = len(params)
+    return list(zip(table[5 * n:6 * n].tolist(), table[6 * n:7 * n].tolist()))
+
+
+@pytest.mark.parametrize("store", [False, True])
+def test_per_tensor_alignment_paths(monkeypatch, store):
+    """One list mixing every alignment: all aligned; all at one odd phase (peeled head); θ and
+    grad aligned with a, w at odd offsets; nothing common (element-wise). BLOCK=16, CHUNK=64
+    so heads, whole blocks and tails recur in several chunks."""
+    monkeypatch.setattr(kpen, "BLOCK", 16)
+    monkeypatch.setattr(kpen, "CHUNK", 64)
+    gen = torch.Generator().manual_seed(10)
+    sizes = (150, 150, 150, 150)
+
+    def buffer(name):
+        data = torch.randn(200, generator=gen)
+        return (data.abs() if name == "w" else data).to(torch.bfloat16 if name in "pg" else torch.float32).to(DEVICE)
+
+    # Offsets in elements (θ and grad bf16, a and w fp32) of each tensor's four views.
+    offsets = [
+        {"p": 0, "g": 0, "a": 0, "w": 0},      # all aligned: head 0
+        {"p": 5, "g": 5, "a": 1, "w": 1},      # element 3 aligned in all four: head 3
+        {"p": 0, "g": 0, "a": 1, "w": 3},      # θ, grad aligned; a, w never with them
+        {"p": 1, "g": 2, "a": 1, "w": 1},      # θ and grad never together: element-wise
+    ]
+    views = {name: [buffer(name)[o[name]:o[name] + n] for o, n in zip(offsets, sizes)] for name in "pgaw"}
+    params, grads, anchors, weights = views["p"], views["g"], views["a"], views["w"]
+    assert _heads(params, anchors, weights, grads) == [(0, 0), (3, 3), (-1, 0), (-1, -1)]
+    before = [g.clone() for g in grads]
+    value = kt.OPS["penalty"](params, anchors, weights, 1.25, "quadratic", grads, store=store)
+    start = [torch.zeros_like(g) for g in grads] if store else before
+    check(value, start, grads, params, anchors, weights, 1.25, "quadratic")
 
 
 def test_value_is_bitwise_deterministic():

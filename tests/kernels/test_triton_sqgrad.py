@@ -49,8 +49,7 @@ def test_kernel_matches_formula(dtype, T, power):
     assert_close(out, start.double() + expected(x, g, power))
 
 
-@pytest.mark.parametrize("splits", [1, 2, 3])
-@pytest.mark.parametrize("power", [2, 1])
+@pytest.mark.parametrize("splits, power", [(1, 2), (2, 1), (3, 2)])
 def test_several_tiles_slices_and_sample_groups(monkeypatch, splits, power):
     """16-wide tiles: O=33, I=17 give 3×2 tiles with ragged edges; T=37 spans 3 slices; B=5 split in groups."""
     monkeypatch.setattr(ksq, "BLOCK_O", 16)
@@ -60,6 +59,79 @@ def test_several_tiles_slices_and_sample_groups(monkeypatch, splits, power):
     out = torch.full((33, 17), 0.5, device=DEVICE)
     ksq.sqgrad(x, g, out, power, batch_splits=splits)
     assert_close(out, 0.5 + expected(x, g, power))
+
+
+@pytest.mark.parametrize("shape, tiles", [
+    ((16, 9, 784), (16, 16, 32, 2)),        # conv1 (O, I, T): a 16×16 tile, not 64×64
+    ((10, 100, 1), (16, 64, 16, 4)),        # classifier head, no sequence
+    ((33, 17, 37), (64, 32, 32, 4)),
+    ((768, 3072, 128), (64, 64, 32, 4)),
+])
+def test_tiles_follow_layer_shape(shape, tiles):
+    assert ksq.tiles_for(*shape) == tiles
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_tiles_over_several_slices_and_samples(dtype):
+    """conv1-like O=16, I=9 on its 16×16 tile; T=40 is two 32-long slices per sample, so the
+    flat (sample, slice) loop squares and resets the per-sample tile mid-loop."""
+    x, g = make(3, 40, 9, 16, dtype, seed=21)
+    assert ksq.plan(x, g, torch.zeros(16, 9, device=DEVICE), 2)[0].options["BLOCK_O"] == 16
+    out = torch.full((16, 9), 0.25, device=DEVICE)
+    kt.OPS["sqgrad"](x, g, out, 2)
+    assert_close(out, 0.25 + expected(x, g, 2))
+
+
+# fp32 inputs multiply on tensor cores as tf32x3: a = a_hi + a_lo (both TF32, 10-bit
+# mantissas), a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi. Per product the relative error is
+# ~2⁻²¹, about fp32's own rounding, so the documented bound on every entry is
+#     |out − out₆₄| ≤ FP32_TC_TOL · Σ_b (Σ_t |g[b,t,o]|·|x[b,t,i]|)²
+# Measured on the emulation below: tf32x3 3e-8, plain fp32 3e-8, plain TF32 (which the
+# kernels never use) 3e-5, so the bound has a 30× margin on both sides.
+FP32_TC_TOL = 1e-6
+
+
+def _tf32(a: torch.Tensor) -> torch.Tensor:
+    """Round float32 to TF32 (10 mantissa bits, nearest, ties away: PTX cvt.rna.tf32.f32)."""
+    bits = a.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _sqgrad_emulated(x, g, split: bool):
+    """Σ_b (g[b]ᵀ x[b])² with tf32x3 (split) or plain TF32 products, float32 accumulation."""
+    def parts(a):
+        hi = _tf32(a)
+        return hi, _tf32(a - hi)
+
+    (g_hi, g_lo), (x_hi, x_lo) = parts(g.transpose(1, 2)), parts(x)
+    per_sample = g_hi @ x_hi
+    if split:
+        per_sample = per_sample + (g_hi @ x_lo + g_lo @ x_hi)
+    return (per_sample * per_sample).sum(0)
+
+
+def _tc_error(got, x, g):
+    bound = (torch.einsum("bto,bti->boi", g.double().abs(), x.double().abs()) ** 2).sum(0)
+    return ((got.double() - expected(x, g, 2)).abs() / bound).max().item()
+
+
+def test_tf32x3_error_bound_is_documented_correctly():
+    """The bound above holds for emulated tf32x3 and fails for plain TF32 (so it means something)."""
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(6, 96, 40, generator=gen)
+    g = torch.randn(6, 96, 24, generator=gen)
+    assert _tc_error(_sqgrad_emulated(x, g, split=True), x, g) < FP32_TC_TOL
+    assert _tc_error(_sqgrad_emulated(x, g, split=False), x, g) > 10 * FP32_TC_TOL
+
+
+@pytest.mark.skipif(kt.INTERPRETED, reason="the interpreter multiplies in numpy fp32; tensor cores need a GPU")
+@pytest.mark.parametrize("shape", [(8, 300, 9, 16), (4, 77, 200, 96)])
+def test_fp32_on_tensor_cores_within_documented_bound(shape):
+    B, T, I, O = shape
+    x, g = make(B, T, I, O, torch.float32, seed=23)
+    assert ksq.plan(x, g, torch.zeros(O, I, device=DEVICE), 2)[0].options["PRECISION"] == "tf32x3"
+    out = kt.OPS["sqgrad"](x, g, torch.zeros(O, I, device=DEVICE), 2)
+    assert _tc_error(out, x, g) < FP32_TC_TOL
 
 
 def test_single_feature_and_output():

@@ -10,27 +10,43 @@ Tunables (module attributes, read at every call; H100 defaults):
 
 * :mod:`.penalty`: ``BLOCK``, ``CHUNK``, ``NUM_WARPS``, ``PROGRAMS_PER_SM``, ``REDUCE_BLOCK``,
   ``INTERPRETER_PROGRAMS``, ``TABLE_CACHE_SIZE``
-* :mod:`.sqgrad`: ``BLOCK_O``, ``BLOCK_I``, ``BLOCK_T``, ``NUM_WARPS``, ``NUM_STAGES``,
-  ``TARGET_PROGRAMS_PER_SM``, ``MAX_BATCH_SPLITS``, ``FP32_INPUT_PRECISION``
+* :mod:`.sqgrad`: ``BLOCK_O``, ``BLOCK_I``, ``BLOCK_T`` (upper bounds; :func:`.sqgrad.tiles_for`
+  picks tiles from O, I and T), ``NUM_STAGES``, ``TARGET_WARPS_PER_SM``,
+  ``MAX_BATCH_SPLITS``, ``FP32_INPUT_PRECISION``
 * :mod:`.distill`: ``MAX_BLOCK_V``, ``num_warps_for(block_v)``
+
+Each kernel module also has ``plan(...)``, the :class:`._launch.Launch` its launcher
+would run for given inputs; ``tests/kernels/test_aot_compile.py`` compiles those plans
+for sm_80 and sm_90 without a GPU.
+
+Capabilities the op layers check: :data:`PENALTY_STORE` (the penalty kernel takes
+``store=True``) and :data:`DISTILL_GRAD_SCALE` (the distill kernel takes ``grad_scale``).
 """
 from __future__ import annotations
 
 import torch
 import triton  # noqa: F401  (fails here, not later, when Triton is missing)
 
+from ..._dtypes import REDUCED_DTYPES
 from . import distill as _distill
 from . import penalty as _penalty
 from . import sqgrad as _sqgrad
+from ._launch import interpreted
 
-__all__ = ["OPS", "INTERPRETED", "unavailable_reason", "unsupported_reason"]
+__all__ = ["OPS", "INTERPRETED", "PENALTY_STORE", "DISTILL_GRAD_SCALE", "unavailable_reason", "unsupported_reason"]
 
 OPS = {"penalty": _penalty.penalty, "sqgrad": _sqgrad.sqgrad, "distill": _distill.distill}
 
 #: True when the kernels were decorated under ``TRITON_INTERPRET=1`` (they run on the CPU).
-INTERPRETED = type(_penalty._penalty_kernel).__name__ == "InterpretedFunction"
+INTERPRETED = interpreted(_penalty._penalty_kernel)
 
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: ``OPS["penalty"](..., store=True)`` writes ``grads[t] = s·w·φ'(θ−a)`` without reading them.
+PENALTY_STORE = True
+
+#: ``OPS["distill"](student, teacher, temperature, mask, grad_scale)`` scales the gradient.
+DISTILL_GRAD_SCALE = True
+
+_SUPPORTED_DTYPES = (torch.float32, *REDUCED_DTYPES)
 
 
 def unavailable_reason(device: torch.device) -> str | None:

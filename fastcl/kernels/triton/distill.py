@@ -1,27 +1,49 @@
 r"""Triton fused distillation: per-row T²·KL(p_t ‖ p_s) and its gradient in one kernel.
 
-Math (contract in :mod:`fastcl.ops.distill`; s' = s/T, t' = t/T, one row)::
+Math (contract in :mod:`fastcl.ops.distill`; one row, ``c = log₂e / T``, logits scaled to
+base 2: ``a = c·z`` so that ``softmax(z/T) = 2^(a − log₂Σ2^a)``)::
 
-    p_t = softmax(t'),  p_s = softmax(s')
-    KL  = Σ_v p_t,v (t'_v − s'_v) − logsumexp(t') + logsumexp(s')     (Σ p_t = 1)
-    loss_row = T² · KL,   grad = T · (p_s − p_t)
+    L_s = log₂ Σ_v 2^(a_s,v),   L_t = log₂ Σ_v 2^(a_t,v)
+    p_s = 2^(a_s − L_s),  p_t = 2^(a_t − L_t)
+    loss_row = T² · ln2 · Σ_v [p_t,v == 0 ? 0 : p_t,v · ((a_t,v − L_t) − (a_s,v − L_s))]
+    grad     = grad_scale · T · (p_s − p_t)
 
 One program per row, the vocabulary walked in ``BLOCK_V`` slices (any V, bounded
-registers). Pass 1 keeps, per lane, online-softmax running maxima and sums for s' and
-t' and the running ``Σ exp(t' − m_t)·(t' − s')`` (rescaled whenever ``m_t`` grows);
-the lanes are merged once at the end. Pass 2 re-reads the row and writes the gradient.
-Teacher lanes with p_t = 0 (−inf logits) contribute exactly 0 to the loss. All math is
-float32 whatever the input dtype; masked rows get loss 0 and gradient 0.
+registers), twice:
+
+1. *Statistics.* Online softmax with one running maximum per row and stream (a block
+   reduction), so rescaling costs one scalar ``ex2`` per block and each element one
+   ``ex2`` per stream; per-lane partial sums are summed once at the end.
+2. *Gradient and loss.* ``p_s`` and ``p_t`` (one ``ex2`` each) give the gradient and
+   the KL term, so every element costs 4 ``ex2`` in all.
+
+The loss is summed in pass 2 from the final ``p_t`` itself, so the contract's
+non-finite semantics hold by construction: a term is exactly 0 iff ``p_t == 0`` (a −inf
+teacher logit, or underflow), every other term follows IEEE arithmetic — a NaN, a +inf
+logit or an all −inf teacher row makes ``L`` or ``p`` NaN and so the row's loss and
+gradient NaN; a student −inf where ``p_t > 0`` gives ``+inf``. Masked rows get loss 0 and
+gradient 0. All math is float32 whatever the input dtype.
+
+Alignment. Rows start at ``row·V`` elements, so for V not a multiple of 16 bytes (GPT-2's
+50257) most rows start off a 16-byte boundary. When the student, teacher and gradient
+all start on one (``ALIGNED``; fresh tensors do), row ``r`` is walked from the 16-byte
+boundary ``(r·V) mod VEC`` elements below its start: a first masked block (only when the
+row is not aligned), whole blocks with unmasked 16-byte vector loads and stores, a
+masked tail. Otherwise the same walk runs with Triton's own alignment analysis (a view at
+an odd offset gets element-wise accesses).
 """
 from __future__ import annotations
 
-import contextlib
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["distill", "MAX_BLOCK_V", "num_warps_for"]
+from ..._dtypes import acc_dtype
+from ._launch import Launch
+
+__all__ = ["distill", "plan", "MAX_BLOCK_V", "num_warps_for"]
 
 # Tunables (H100 defaults).
 MAX_BLOCK_V = 4096      # vocabulary slice per step (a power of two)
@@ -37,98 +59,154 @@ def num_warps_for(block_v: int) -> int:
 
 
 @triton.jit
+def _stats_step(s_base, t_base, u, inside, c, m_s, z_s, m_t, z_t, MASKED: tl.constexpr):
+    """Fold one block into the running (maximum, per-lane sums) of 2^a for both streams."""
+    neg_inf = float("-inf")
+    if MASKED:
+        a_s = tl.load(s_base + u, mask=inside, other=neg_inf).to(tl.float32) * c
+        a_t = tl.load(t_base + u, mask=inside, other=neg_inf).to(tl.float32) * c
+    else:
+        a_s = tl.load(s_base + u).to(tl.float32) * c
+        a_t = tl.load(t_base + u).to(tl.float32) * c
+    # A maximum still at −inf shifts by 0 instead (no −inf − −inf).
+    m_s_new = tl.maximum(m_s, tl.max(a_s, axis=0))
+    shift_s = tl.where(m_s_new == neg_inf, 0.0, m_s_new)
+    z_s = z_s * tl.exp2(m_s - shift_s) + tl.exp2(a_s - shift_s)
+    m_t_new = tl.maximum(m_t, tl.max(a_t, axis=0))
+    shift_t = tl.where(m_t_new == neg_inf, 0.0, m_t_new)
+    z_t = z_t * tl.exp2(m_t - shift_t) + tl.exp2(a_t - shift_t)
+    return m_s_new, z_s, m_t_new, z_t
+
+
+@triton.jit
+def _grad_step(s_base, t_base, g_base, u, inside, c, log_z_s, log_z_t, gscale, kl, MASKED: tl.constexpr):
+    """Write ``gscale·(p_s − p_t)`` for one block and add its KL terms (base-2 logs) to ``kl``."""
+    neg_inf = float("-inf")
+    if MASKED:
+        a_s = tl.load(s_base + u, mask=inside, other=neg_inf).to(tl.float32) * c
+        a_t = tl.load(t_base + u, mask=inside, other=neg_inf).to(tl.float32) * c
+    else:
+        a_s = tl.load(s_base + u).to(tl.float32) * c
+        a_t = tl.load(t_base + u).to(tl.float32) * c
+    log_p_s = a_s - log_z_s
+    log_p_t = a_t - log_z_t
+    p_t = tl.exp2(log_p_t)
+    grad = (gscale * (tl.exp2(log_p_s) - p_t)).to(g_base.dtype.element_ty)
+    if MASKED:
+        tl.store(g_base + u, grad, mask=inside)
+    else:
+        tl.store(g_base + u, grad)
+    return kl + tl.where(p_t == 0.0, 0.0, p_t * (log_p_t - log_p_s))
+
+
+@triton.jit
 def _distill_kernel(
     s_ptr,              # [R, V] student logits
-    t_ptr,              # [R, V] teacher logits
+    t_ptr,              # [R, V] teacher logits (student's dtype)
     mask_ptr,           # [R] uint8 (1 = row counts); unused without HAS_MASK
     loss_ptr,           # [R] float32
     grad_ptr,           # [R, V] student dtype
     V,
-    temperature,
-    inv_temperature,
+    c,                  # log₂e / T
+    loss_factor,        # T² · ln2
+    gscale,             # grad_scale · T
     HAS_MASK: tl.constexpr,
+    ALIGNED: tl.constexpr,      # s, t and grad start on 16-byte boundaries
+    VEC: tl.constexpr,          # elements per 16 bytes
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK_V)
-    s_row = s_ptr + row.to(tl.int64) * V
-    t_row = t_ptr + row.to(tl.int64) * V
-    g_row = grad_ptr + row.to(tl.int64) * V
+    start = row * V
+    if ALIGNED:
+        # Element ``mis`` of the 16-byte-aligned bases below is the row's first element.
+        mis = (start % VEC).to(tl.int32)
+        s_base = tl.multiple_of(s_ptr + (start - mis), 16)
+        t_base = tl.multiple_of(t_ptr + (start - mis), 16)
+        g_base = tl.multiple_of(grad_ptr + (start - mis), 16)
+    else:
+        mis = V * 0
+        s_base = s_ptr + start
+        t_base = t_ptr + start
+        g_base = grad_ptr + start
+    n_u = mis + V                   # row = elements [mis, n_u) from the bases (int32: V < 2³¹)
+    n_full = n_u // BLOCK_V         # blocks [k·BLOCK_V, (k+1)·BLOCK_V) inside [0, n_u)
+    k_first = tl.where(mis > 0, 1, 0)
     keep = True
     if HAS_MASK:
         keep = tl.load(mask_ptr + row) != 0
     if keep:
         neg_inf = float("-inf")
-        m_s = tl.full([BLOCK_V], neg_inf, tl.float32)
+        m_s = neg_inf
+        m_t = neg_inf
         z_s = tl.zeros([BLOCK_V], tl.float32)
-        m_t = tl.full([BLOCK_V], neg_inf, tl.float32)
         z_t = tl.zeros([BLOCK_V], tl.float32)
-        cross = tl.zeros([BLOCK_V], tl.float32)     # Σ exp(t' − m_t)·(t' − s')
-        for v0 in range(0, V, BLOCK_V):
-            inside = v0 + lanes < V
-            s = tl.load(s_row + v0 + lanes, mask=inside, other=neg_inf).to(tl.float32) * inv_temperature
-            t = tl.load(t_row + v0 + lanes, mask=inside, other=neg_inf).to(tl.float32) * inv_temperature
-            # Online softmax per lane; a lane still at −inf uses 0 as its shift (no −inf − −inf).
-            m_s_new = tl.maximum(m_s, s)
-            shift_s = tl.where(m_s_new == neg_inf, 0.0, m_s_new)
-            z_s = z_s * tl.exp(m_s - shift_s) + tl.exp(s - shift_s)
-            m_s = m_s_new
-            m_t_new = tl.maximum(m_t, t)
-            shift_t = tl.where(m_t_new == neg_inf, 0.0, m_t_new)
-            rescale_t = tl.exp(m_t - shift_t)
-            e_t = tl.exp(t - shift_t)
-            # Lanes with p_t = 0 add exactly 0 (their t' − s' may be −inf − −inf).
-            support = e_t > 0.0
-            gap = tl.where(support, t, 0.0) - tl.where(support, s, 0.0)
-            cross = cross * rescale_t + e_t * gap
-            z_t = z_t * rescale_t + e_t
-            m_t = m_t_new
-        # Merge the lanes.
-        max_s = tl.max(m_s, axis=0)
-        max_t = tl.max(m_t, axis=0)
-        sum_s = tl.sum(z_s * tl.exp(m_s - max_s), axis=0)
-        lane_t = tl.exp(m_t - max_t)
-        sum_t = tl.sum(z_t * lane_t, axis=0)
-        expected_gap = tl.sum(cross * lane_t, axis=0) / sum_t
-        log_z_s = max_s + tl.log(sum_s)
-        log_z_t = max_t + tl.log(sum_t)
-        tl.store(loss_ptr + row, temperature * temperature * (expected_gap - log_z_t + log_z_s))
-        for v0 in range(0, V, BLOCK_V):
-            inside = v0 + lanes < V
-            s = tl.load(s_row + v0 + lanes, mask=inside, other=0.0).to(tl.float32) * inv_temperature
-            t = tl.load(t_row + v0 + lanes, mask=inside, other=0.0).to(tl.float32) * inv_temperature
-            grad = temperature * (tl.exp(s - log_z_s) - tl.exp(t - log_z_t))
-            tl.store(g_row + v0 + lanes, grad.to(g_row.dtype.element_ty), mask=inside)
+        if mis > 0:
+            m_s, z_s, m_t, z_t = _stats_step(s_base, t_base, lanes, (lanes >= mis) & (lanes < n_u), c,
+                                             m_s, z_s, m_t, z_t, True)
+        for k in range(k_first, n_full):
+            m_s, z_s, m_t, z_t = _stats_step(s_base, t_base, k * BLOCK_V + lanes, None, c, m_s, z_s, m_t, z_t, False)
+        u = n_full * BLOCK_V + lanes
+        if (n_full * BLOCK_V < n_u) & (n_full >= k_first):
+            m_s, z_s, m_t, z_t = _stats_step(s_base, t_base, u, u < n_u, c, m_s, z_s, m_t, z_t, True)
+        log_z_s = tl.where(m_s == neg_inf, 0.0, m_s) + tl.log2(tl.sum(z_s, axis=0))
+        log_z_t = tl.where(m_t == neg_inf, 0.0, m_t) + tl.log2(tl.sum(z_t, axis=0))
+
+        kl = tl.zeros([BLOCK_V], tl.float32)
+        if mis > 0:
+            kl = _grad_step(s_base, t_base, g_base, lanes, (lanes >= mis) & (lanes < n_u), c,
+                            log_z_s, log_z_t, gscale, kl, True)
+        for k in range(k_first, n_full):
+            kl = _grad_step(s_base, t_base, g_base, k * BLOCK_V + lanes, None, c, log_z_s, log_z_t, gscale, kl, False)
+        if (n_full * BLOCK_V < n_u) & (n_full >= k_first):
+            kl = _grad_step(s_base, t_base, g_base, u, u < n_u, c, log_z_s, log_z_t, gscale, kl, True)
+        tl.store(loss_ptr + row, loss_factor * tl.sum(kl, axis=0))
     else:
         tl.store(loss_ptr + row, 0.0)
-        zero = tl.zeros([BLOCK_V], tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            tl.store(g_row + v0 + lanes, zero.to(g_row.dtype.element_ty), mask=v0 + lanes < V)
+        zero = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
+        for k in range(0, tl.cdiv(n_u, BLOCK_V)):
+            u = k * BLOCK_V + lanes
+            tl.store(g_base + u, zero, mask=(u >= mis) & (u < n_u))
 
 
-def _on(device: torch.device):
-    """Make ``device`` current for a launch (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def distill(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None):
-    """``(T²·KL(softmax(t/T) ‖ softmax(s/T)) per row, T·(softmax(s/T) − softmax(t/T)))``.
-
-    ``student``, ``teacher``: ``[R, V]`` contiguous, one dtype (float32, bfloat16, float16);
-    ``mask``: ``None`` or ``[R]`` bool. Returns ``row_loss`` ``[R]`` float32 and ``grad``
-    ``[R, V]`` in the student's dtype, both 0 on masked rows.
-    """
+def plan(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None,
+         grad_scale: float = 1.0) -> tuple[Launch, torch.Tensor, torch.Tensor]:
+    """The launch of :func:`distill` and its outputs ``(row_loss, grad)`` (written by the launch)."""
     R, V = student.shape
-    row_loss = torch.empty(R, dtype=torch.float32, device=student.device)
+    row_loss = torch.empty(R, dtype=acc_dtype(student.dtype), device=student.device)
     grad = torch.empty_like(student)
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    vec = 16 // student.element_size()
+    # At least 16 bytes: the first (masked) block must reach past the row's start.
+    block_v = max(vec, min(MAX_BLOCK_V, triton.next_power_of_2(V)))
     mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else row_loss
-    with _on(student.device):
-        _distill_kernel[(R,)](
-            student, teacher, mask_u8, row_loss, grad, V,
-            float(temperature), 1.0 / float(temperature),
+    aligned = teacher.dtype == student.dtype and all(x.data_ptr() % 16 == 0 for x in (student, teacher, grad))
+    temperature = float(temperature)
+    launch = Launch(
+        _distill_kernel,
+        (R,),
+        (student, teacher, mask_u8, row_loss, grad, V,
+         math.log2(math.e) / temperature, temperature * temperature * math.log(2.0), float(grad_scale) * temperature),
+        dict(
             HAS_MASK=mask is not None,
+            ALIGNED=aligned,
+            VEC=vec,
             BLOCK_V=block_v,
             num_warps=num_warps_for(block_v),
-        )
+        ),
+    )
+    return launch, row_loss, grad
+
+
+def distill(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None,
+            grad_scale: float = 1.0):
+    """``(T²·KL(softmax(t/T) ‖ softmax(s/T)) per row, grad_scale·T·(softmax(s/T) − softmax(t/T)))``.
+
+    ``student``, ``teacher``: ``[R, V]`` contiguous, one dtype (float32, bfloat16, float16);
+    ``mask``: ``None`` or ``[R]`` bool; ``grad_scale``: a Python float (``row_loss`` is not
+    scaled). Returns ``row_loss`` ``[R]`` float32 and ``grad`` ``[R, V]`` in the student's
+    dtype, both 0 on masked rows; non-finite inputs as the contract of
+    :mod:`fastcl.ops.distill` says (NaN rows, never 0 or finite).
+    """
+    launch, row_loss, grad = plan(student, teacher, temperature, mask, grad_scale)
+    launch(student.device)
     return row_loss, grad

@@ -16,29 +16,43 @@ buffer that is then summed in a fixed order — deterministic, no atomics.
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
-from functools import cache
-
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["sqgrad", "BLOCK_O", "BLOCK_I", "BLOCK_T", "NUM_WARPS", "NUM_STAGES", "FP32_INPUT_PRECISION"]
+from ..._dtypes import acc_dtype
+from ._launch import Launch, interpreted, sm_count
+
+__all__ = ["sqgrad", "plan", "tiles_for", "BLOCK_O", "BLOCK_I", "BLOCK_T", "NUM_STAGES", "FP32_INPUT_PRECISION",
+           "TARGET_WARPS_PER_SM", "MAX_BATCH_SPLITS"]
 
 # Tunables (H100 defaults).
-BLOCK_O = 64                  # rows of out per program
-BLOCK_I = 64                  # columns of out per program
-BLOCK_T = 32                  # sequence slice per tl.dot (at most; shrunk to max(16, next_pow2(T)))
-NUM_WARPS = 4
-NUM_STAGES = 3
-TARGET_PROGRAMS_PER_SM = 2    # split the samples until tiles × splits reaches this many per SM
-MAX_BATCH_SPLITS = 32
-# Precision of tl.dot for float32 inputs: "ieee" (exact fp32 FMA), or "tf32x3" (≈fp32 on
-# tensor cores, faster). Plain "tf32" loses ~3 decimal digits and is not used.
-FP32_INPUT_PRECISION = "ieee"
+BLOCK_O = 64                  # rows of out per program, at most (fewer for small O)
+BLOCK_I = 64                  # columns of out per program, at most (fewer for small I)
+BLOCK_T = 32                  # sequence slice per tl.dot, at most (shrunk to max(16, next_pow2(T)))
+NUM_STAGES = 3                # software-pipeline depth of the (sample, slice) loop
+TARGET_WARPS_PER_SM = 16      # split the samples until tiles × splits × warps reaches this per SM
+MAX_BATCH_SPLITS = 64
+# Precision of tl.dot for float32 inputs: "tf32x3" (three TF32 tensor-core products, the
+# low×low one dropped: ≈ fp32 accuracy, relative error per product ~2⁻²¹) or "ieee" (fp32
+# FMA, no tensor cores). Plain "tf32" loses ~3 decimal digits and is never used.
+FP32_INPUT_PRECISION = "tf32x3"
+_FP32_PRECISIONS = ("tf32x3", "ieee")
 
-_HAS_INPUT_PRECISION = "input_precision" in inspect.signature(tl.dot).parameters
+
+def tiles_for(O: int, I: int, T: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_O, BLOCK_I, BLOCK_T, num_warps)`` for a layer of ``O`` outputs, ``I`` inputs, ``T`` steps.
+
+    Tiles follow O and I (16, 32 or 64 wide, never wider than the next power of two), so
+    a conv1 (O = 16, I = 9) runs 16×16 tiles, not 3.5 % of a 64×64 one; tiles of at most
+    512 elements run on 2 warps, larger ones on 4 (an fp32 tf32x3 64×64 tile needs ~240
+    registers per thread on 4 warps; fewer warps would spill).
+    """
+    block_o = min(BLOCK_O, max(16, triton.next_power_of_2(O)))
+    block_i = min(BLOCK_I, max(16, triton.next_power_of_2(I)))
+    block_t = min(BLOCK_T, max(16, triton.next_power_of_2(T)))
+    num_warps = 2 if block_o * block_i <= 512 else 4
+    return block_o, block_i, block_t, num_warps
 
 
 @triton.jit
@@ -55,8 +69,7 @@ def _sqgrad_kernel(
     BLOCK_O: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    USE_INPUT_PRECISION: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,    # tl.dot input precision for float32 inputs
     UPCAST: tl.constexpr,       # feed tl.dot float32 tiles (the interpreter mis-multiplies bfloat16)
 ):
     n_i_tiles = tl.cdiv(I, BLOCK_I)
@@ -68,36 +81,34 @@ def _sqgrad_kernel(
     o_in = o_offs < O
     i_in = i_offs < I
     b_first = split * samples_per_split
-    b_last = tl.minimum(b_first + samples_per_split, B)
+    n_samples = tl.minimum(b_first + samples_per_split, B) - b_first
+    n_slices = tl.cdiv(T, BLOCK_T)
 
     acc = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
-    # Pointers advance by whole samples and slices, so offsets past 2³¹ stay in 64 bits.
-    x_sample = x_ptr + b_first.to(tl.int64) * x_sample_stride
-    g_sample = g_ptr + b_first.to(tl.int64) * g_sample_stride
-    for _ in range(b_first, b_last):
-        g_ptrs = g_sample + t_lanes[None, :] * O + o_offs[:, None]
-        x_ptrs = x_sample + t_lanes[:, None] * I + i_offs[None, :]
-        per_sample = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            t_in = t0 + t_lanes < T
-            # gᵀ slice [BLOCK_O, BLOCK_T] and x slice [BLOCK_T, BLOCK_I]; padding is 0.
-            g_tile = tl.load(g_ptrs, mask=t_in[None, :] & o_in[:, None], other=0.0)
-            x_tile = tl.load(x_ptrs, mask=t_in[:, None] & i_in[None, :], other=0.0)
-            if UPCAST:
-                g_tile = g_tile.to(tl.float32)
-                x_tile = x_tile.to(tl.float32)
-            if USE_INPUT_PRECISION:
-                per_sample = tl.dot(g_tile, x_tile, per_sample, input_precision=PRECISION)
+    per_sample = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
+    # One flat loop over (sample, slice) pairs, so the software pipeline keeps loading
+    # the next sample's slices while this sample's last product and square run (a loop
+    # over samples around a loop over slices drains the pipeline at every sample).
+    for step in range(0, n_samples * n_slices):
+        b = step // n_slices
+        t0 = (step - b * n_slices) * BLOCK_T
+        # Offsets in 64 bits: B·T·I, and even T·I, may pass 2³¹.
+        x_tile_ptr = x_ptr + ((b_first + b).to(tl.int64) * x_sample_stride + t0.to(tl.int64) * I)
+        g_tile_ptr = g_ptr + ((b_first + b).to(tl.int64) * g_sample_stride + t0.to(tl.int64) * O)
+        t_in = t0 + t_lanes < T
+        # gᵀ slice [BLOCK_O, BLOCK_T] and x slice [BLOCK_T, BLOCK_I]; padding is 0.
+        g_tile = tl.load(g_tile_ptr + t_lanes[None, :] * O + o_offs[:, None], mask=t_in[None, :] & o_in[:, None], other=0.0)
+        x_tile = tl.load(x_tile_ptr + t_lanes[:, None] * I + i_offs[None, :], mask=t_in[:, None] & i_in[None, :], other=0.0)
+        if UPCAST:
+            g_tile = g_tile.to(tl.float32)
+            x_tile = x_tile.to(tl.float32)
+        per_sample = tl.dot(g_tile, x_tile, per_sample, input_precision=PRECISION)
+        if t0 + BLOCK_T >= T:       # the sample's last slice
+            if POWER == 2:
+                acc += per_sample * per_sample
             else:
-                per_sample = tl.dot(g_tile, x_tile, per_sample, allow_tf32=False)
-            g_ptrs += BLOCK_T * O
-            x_ptrs += BLOCK_T * I
-        if POWER == 2:
-            acc += per_sample * per_sample
-        else:
-            acc += tl.abs(per_sample)
-        x_sample += x_sample_stride
-        g_sample += g_sample_stride
+                acc += tl.abs(per_sample)
+            per_sample = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
 
     out_mask = o_in[:, None] & i_in[None, :]
     if ACCUMULATE:
@@ -108,28 +119,48 @@ def _sqgrad_kernel(
     tl.store(out_ptrs, acc, mask=out_mask)
 
 
-def _on(device: torch.device):
-    """Make ``device`` current for a launch (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _interpreted() -> bool:
-    return type(_sqgrad_kernel).__name__ == "InterpretedFunction"
-
-
-@cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _batch_splits(n_tiles: int, B: int, device: torch.device) -> int:
+def _batch_splits(n_tiles: int, num_warps: int, B: int, device: torch.device) -> int:
     """How many sample groups run in parallel per tile (1 when the tiles alone fill the device)."""
     if device.type != "cuda":
         return 1
-    wanted = -(-_sm_count(device) * TARGET_PROGRAMS_PER_SM // n_tiles)
+    wanted = -(-sm_count(device) * TARGET_WARPS_PER_SM // (n_tiles * num_warps))
     return max(1, min(wanted, B, MAX_BATCH_SPLITS))
+
+
+def plan(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor, power: int, *,
+         batch_splits: int | None = None) -> tuple[Launch, torch.Tensor | None]:
+    """The launch of :func:`sqgrad` and, when samples are split, the ``[S, O, I]`` buffer it writes."""
+    B, T, I = x.shape
+    O = g.shape[-1]
+    if FP32_INPUT_PRECISION not in _FP32_PRECISIONS:
+        raise ValueError(f"FP32_INPUT_PRECISION must be one of {_FP32_PRECISIONS}, got {FP32_INPUT_PRECISION!r}")
+    block_o, block_i, block_t, num_warps = tiles_for(O, I, T)
+    n_tiles = triton.cdiv(O, block_o) * triton.cdiv(I, block_i)
+    if batch_splits is None:
+        splits = _batch_splits(n_tiles, num_warps, B, x.device)
+    else:
+        splits = max(1, min(int(batch_splits), B))
+    per_split = triton.cdiv(B, splits)
+    splits = triton.cdiv(B, per_split)
+    partial = None if splits == 1 else torch.empty((splits, O, I), dtype=acc_dtype(x.dtype), device=out.device)
+    launch = Launch(
+        _sqgrad_kernel,
+        (n_tiles, splits),
+        (x, g, out if partial is None else partial, B, T, I, O, T * I, T * O, per_split),
+        dict(
+            POWER=power,
+            ACCUMULATE=partial is None,
+            BLOCK_O=block_o,
+            BLOCK_I=block_i,
+            BLOCK_T=block_t,
+            # Half-precision inputs always multiply exactly into float32 on tensor cores.
+            PRECISION=FP32_INPUT_PRECISION if x.dtype == torch.float32 else "ieee",
+            UPCAST=x.dtype == torch.bfloat16 and interpreted(_sqgrad_kernel),
+            num_warps=num_warps,
+            num_stages=NUM_STAGES,
+        ),
+    )
+    return launch, partial
 
 
 def sqgrad(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor, power: int, *, batch_splits: int | None = None) -> torch.Tensor:
@@ -139,28 +170,8 @@ def sqgrad(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor, power: int, *, b
     float16). ``batch_splits`` overrides the number of parallel sample groups (testing,
     tuning); ``None`` picks it from the tile count and the device's SM count.
     """
-    B, T, I = x.shape
-    O = g.shape[-1]
-    n_tiles = triton.cdiv(O, BLOCK_O) * triton.cdiv(I, BLOCK_I)
-    splits = _batch_splits(n_tiles, B, x.device) if batch_splits is None else max(1, min(int(batch_splits), B))
-    per_split = triton.cdiv(B, splits)
-    splits = triton.cdiv(B, per_split)
-    block_t = max(16, min(BLOCK_T, triton.next_power_of_2(T)))
-    target = out if splits == 1 else torch.empty((splits, O, I), dtype=torch.float32, device=out.device)
-    with _on(x.device):
-        _sqgrad_kernel[(n_tiles, splits)](
-            x, g, target, B, T, I, O, T * I, T * O, per_split,
-            POWER=power,
-            ACCUMULATE=splits == 1,
-            BLOCK_O=BLOCK_O,
-            BLOCK_I=BLOCK_I,
-            BLOCK_T=block_t,
-            USE_INPUT_PRECISION=_HAS_INPUT_PRECISION,
-            PRECISION=FP32_INPUT_PRECISION,
-            UPCAST=x.dtype == torch.bfloat16 and _interpreted(),
-            num_warps=NUM_WARPS,
-            num_stages=NUM_STAGES,
-        )
-    if splits > 1:
-        out += target.sum(0)
+    launch, partial = plan(x, g, out, power, batch_splits=batch_splits)
+    launch(x.device)
+    if partial is not None:
+        out += partial.sum(0)
     return out
