@@ -130,19 +130,19 @@ def _bench_case(cfg: Config, rec: Recorder, case: PenaltyCase) -> None:
         rec.skip(OP, "compiled_loop", label, "torch.compile timed on the headline case only (each shape set recompiles)")
     else:
         try:
-            step = bl.compiled_loop_penalty(LAMBDA)
+            compiled = bl.compiled_loop_penalty(LAMBDA)
             t0 = time.perf_counter()
             s0 = _present(inp.sets[0])
-            step(s0.params, s0.anchors, s0.weights)
+            compiled(s0.params, s0.anchors, s0.weights)
             notes["compiled_loop"] = f"first call (compile) {time.perf_counter() - t0:.1f} s"
-            impls["compiled_loop"] = inp.on_next(lambda s: step(_present(s).params, s.anchors, s.weights))
+            impls["compiled_loop"] = inp.on_next(lambda s: compiled(_present(s).params, s.anchors, s.weights))
         except Exception as exc:  # noqa: BLE001 - a compiler failure is a skipped row
             rec.skip(OP, "compiled_loop", label, f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     copies = cycle([bl.copy_same_bytes(inp.nbytes, device) for _ in range(k)])
     impls["copy_same_bytes"] = lambda: copies()()
     for b in available_backends(device, FASTCL_OP, case.dtype, on_skip=lambda b, why: rec.skip(OP, f"fastcl[{b}]", label, why)):
-        for suffix, step in FASTCL_STEPS.items():
-            impls[f"fastcl[{b}]{suffix}"] = forced(b, inp.on_next(step))
+        for suffix, fastcl_path in FASTCL_STEPS.items():
+            impls[f"fastcl[{b}]{suffix}"] = forced(b, inp.on_next(fastcl_path))
 
     timings: dict = {}
     if device.type == "cpu":  # CUDA rows keep per-row event timing (interleaving would sync every call)
