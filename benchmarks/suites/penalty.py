@@ -147,7 +147,7 @@ def _bench_case(cfg: Config, rec: Recorder, case: PenaltyCase) -> None:
     timings: dict = {}
     if device.type == "cpu":  # CUDA rows keep per-row event timing (interleaving would sync every call)
         try:
-            timings = measure_interleaved(impls, device, warmup=1, rounds=cfg.rounds if cfg.quick else 15)
+            timings = measure_interleaved(impls, device, warmup=1, rounds=cfg.rounds if cfg.quick else 21)
         except Exception as exc:  # noqa: BLE001 - one-by-one timing reports the failing row
             print(f"  interleaved timing failed ({type(exc).__name__}: {exc}); timing one by one", flush=True)
     for impl, fn in impls.items():
