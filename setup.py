@@ -180,7 +180,7 @@ def extensions() -> list[Extension]:
             "fastcl._C",
             sources=[os.path.join(CPU_DIR, f) for f in ("bindings.cpp", "penalty.cpp", "distill.cpp", "distill_avx2.cpp", "distill_avx512.cpp")],
             include_dirs=[CPU_DIR, COMMON_DIR],
-            depends=[*(os.path.join(CPU_DIR, f) for f in ("dtypes.h", "kernels.h", "distill_isa.h", "distill_impl.inc")), *COMMON_HEADERS],
+            depends=[*(os.path.join(CPU_DIR, f) for f in ("dtypes.h", "kernels.h", "pages.h", "distill_isa.h", "distill_impl.inc")), *COMMON_HEADERS],
             language="c++",
         ))
     if not _env_off("FASTCL_BUILD_CUDA") and find_nvcc() is not None:

@@ -16,6 +16,7 @@
 
 #include "dtypes.h"
 #include "kernels.h"
+#include "pages.h"
 #include "penalty_math.h"
 
 namespace fastcl {
@@ -154,6 +155,10 @@ double penalty_cpu(int64_t num_tensors, const void* const* params, const void* c
             items.push_back({t, off, sizes[t] - off < kPenaltyChunk ? sizes[t] - off : kPenaltyChunk});
     }
     if (items.empty()) return 0.0;
+    if (grad_mode == kStore) {  // store mode writes fresh buffers: fault them in as huge pages
+        const size_t element = param_dtype == kFloat32 ? 4 : 2;
+        for (int64_t t = 0; t < num_tensors; ++t) advise_huge_pages(grads[t], size_t(sizes[t]) * element);
+    }
     // a thread per kPenaltyGrain elements at most: a short list is not worth an OpenMP fork/join
     // (the value does not depend on the thread count, whatever it is)
     int64_t total = 0;
