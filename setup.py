@@ -4,12 +4,16 @@
 ``fastcl._cuda`` CUDA kernels; built only when nvcc is found and FASTCL_BUILD_CUDA != "0".
 
 Neither links against libtorch: kernels take raw pointers, sizes and dtype codes, and
-Python validates the tensors. A failed compile never fails the install; fastcl then
-falls back to PyTorch and ``fastcl info`` says why.
+Python validates the tensors. A failed build never fails the install (unless
+FASTCL_REQUIRE_CPP=1): a banner on stderr names the cause (pybind11 missing, no C++
+compiler, a compile error with the compiler's first error lines, a link error), the
+outcome of every extension is recorded in fastcl/_build_status.json, and ``fastcl info``
+prints it. fastcl then uses its other backends.
 
 Environment:
   FASTCL_BUILD_CPP=0    skip fastcl._C
   FASTCL_BUILD_CUDA=0   skip fastcl._cuda
+  FASTCL_REQUIRE_CPP=1  fail the build when fastcl._C is not built (CI sets it)
   FASTCL_CUDA_ARCHS     ";"-separated SM versions for fastcl._cuda (default "80;90"; the
                         last one also gets PTX so newer GPUs can JIT it)
   CUDA_HOME / CUDA_PATH where to look for nvcc first (then PATH)
@@ -119,25 +123,141 @@ def _has_flag(compiler, flag: str) -> bool:
     return True
 
 
+STATUS_FILE = "_build_status.json"  # written next to the extensions; read by `fastcl info` (fastcl/_build_report.py)
+SKIPPED: dict[str, str] = {}  # extension name -> why it was not attempted (filled by extensions())
+
+
+class BuildProblem(Exception):
+    """Why an extension was not built: ``kind`` is one of no-pybind11, no-compiler, compile-error,
+    link-error, no-nvcc, nvcc-error, error; the message says what to do."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _error_lines(output: str, limit: int = 6) -> str:
+    """The compiler's first error lines (or its last lines when none says 'error')."""
+    lines = [ln.rstrip() for ln in output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return "\n".join((errors or lines[-limit:])[:limit])
+
+
 class OptionalBuildExt(build_ext):
-    """build_ext where each extension is optional: a failure prints a warning and skips it."""
+    """build_ext where each extension is optional: a failure is reported, recorded and skipped.
+
+    Every outcome goes into ``fastcl/_build_status.json`` (``{name: {"built", "kind",
+    "reason"}}``), which ``fastcl info`` reads back, and a failure prints a banner on
+    stderr naming the cause: pybind11 missing, no C++ compiler, a compile error (with the
+    compiler's first error lines) or a link error. ``FASTCL_REQUIRE_CPP=1`` turns a
+    missing ``fastcl._C`` into a failed build (CI uses it).
+    """
+
+    def run(self):
+        self._status: dict[str, dict] = {}
+        self._compiler_output = ""
+        super().run()  # calls build_extensions when there is anything to build
+        for name, why in SKIPPED.items():
+            self._status.setdefault(name, {"built": False, "kind": "skipped", "reason": why})
+        self._write_status()
+        cpp = self._status.get("fastcl._C", {"built": False, "reason": "not attempted"})
+        if os.environ.get("FASTCL_REQUIRE_CPP") == "1" and not cpp["built"]:
+            raise SystemExit(f"error: FASTCL_REQUIRE_CPP=1 but fastcl._C was not built: {cpp['reason']}")
 
     def build_extensions(self):
+        self._capture_compiler_output()
         built = []
         for ext in self.extensions:
             try:
                 self._configure(ext)
                 self.build_extension(ext)
                 built.append(ext)
+                self._status[ext.name] = {"built": True, "kind": "built", "reason": None}
             except Exception as exc:  # compile/link errors, missing tools: never fail the install
-                detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                problem = self._diagnose(exc)
+                self._status[ext.name] = {"built": False, "kind": problem.kind, "reason": str(problem)}
+                bar = "=" * 78
                 print(
-                    f"\nWARNING: fastcl could not build {ext.name} ({detail}).\n"
-                    f"WARNING: fastcl installs without it and uses the PyTorch fallback for those ops.\n",
+                    f"\n{bar}\nWARNING: fastcl could not build {ext.name} ({problem.kind}).\n{problem}\n"
+                    f"fastcl installs without it and uses its other backends for those ops; `fastcl info` repeats this.\n"
+                    f"{bar}\n",
                     file=sys.stderr, flush=True,
                 )
         # later steps (in-place copy, wheel contents) only see what was built
         self.extensions = built
+
+    # ---------------------------------------------------------------- diagnosis
+    def _capture_compiler_output(self) -> None:
+        """Run the compiler's commands with their output captured (echoed to stderr on failure)."""
+        compiler = self.compiler
+
+        def run(cmd, **kwargs):
+            proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=kwargs.get("env"))
+            if proc.returncode != 0:
+                self._compiler_output = proc.stdout + proc.stderr
+                self._failed_source = next((os.path.relpath(str(c), ROOT) for c in cmd if str(c).endswith((".cpp", ".cu"))), None)
+                if not getattr(self, "_probing", False):
+                    sys.stderr.write(self._compiler_output)
+                raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
+
+        if hasattr(compiler, "call"):  # setuptools >= 75: _compile/link call self.call(cmd)
+            compiler.call = run
+        original_spawn = getattr(compiler, "spawn", None)
+        if original_spawn is not None:  # older setuptools: self.spawn(cmd)
+            def spawn(cmd, **kwargs):
+                try:
+                    run(cmd, **kwargs)
+                except subprocess.CalledProcessError as exc:
+                    from setuptools.errors import ExecError
+
+                    raise ExecError(f"command {cmd[0]!r} failed with exit code {exc.returncode}") from None
+
+            compiler.spawn = spawn
+
+    def _flag(self, flag: str) -> bool:
+        """Whether the compiler accepts ``flag``; a refusal is expected, so nothing is printed or kept."""
+        self._probing = True
+        try:
+            return _has_flag(self.compiler, flag)
+        finally:
+            self._probing = False
+            self._compiler_output = ""
+
+    def _check_compiler(self) -> None:
+        if self.compiler.compiler_type == "msvc":
+            return
+        for attr in ("compiler_so_cxx", "compiler_cxx", "compiler_so"):
+            cmd = getattr(self.compiler, attr, None)
+            if cmd:
+                if shutil.which(cmd[0]) is None:
+                    raise BuildProblem(
+                        "no-compiler",
+                        f"no C++ compiler: {cmd[0]!r} is not on PATH. Install one (e.g. `apt-get install g++`, "
+                        "Xcode command-line tools) or point CXX at it, then reinstall fastcl.",
+                    )
+                return
+
+    def _diagnose(self, exc: Exception) -> BuildProblem:
+        from setuptools.errors import CompileError, LinkError
+
+        if isinstance(exc, BuildProblem):
+            return exc
+        output = _error_lines(self._compiler_output) if self._compiler_output else ""
+        if isinstance(exc, CompileError):
+            where = f" on {self._failed_source}" if getattr(self, "_failed_source", None) else ""
+            return BuildProblem("compile-error", f"the C++ compiler failed{where}" + (f":\n{output}" if output else f": {exc}"))
+        if isinstance(exc, LinkError):
+            return BuildProblem("link-error", "linking failed" + (f":\n{output}" if output else f": {exc}"))
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        return BuildProblem("error", detail + (f"\n{output}" if output else ""))
+
+    def _write_status(self) -> None:
+        import json
+
+        path = os.path.join(os.path.dirname(self.get_ext_fullpath("fastcl._C")), STATUS_FILE)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(self._status, f, indent=1, sort_keys=True)
 
     def _stale(self, ext: Extension) -> bool:
         target = self.get_ext_fullpath(ext.name)
@@ -147,18 +267,26 @@ class OptionalBuildExt(build_ext):
         return any(os.path.getmtime(src) > built for src in (*ext.sources, *ext.depends))
 
     def _configure(self, ext: Extension) -> None:
-        import pybind11  # a build requirement (pyproject.toml); missing -> this extension is skipped
-
+        try:
+            import pybind11  # a build requirement (pyproject.toml)
+        except ImportError:
+            raise BuildProblem(
+                "no-pybind11",
+                "pybind11 is not installed where fastcl is being built. It is a build requirement in pyproject.toml, "
+                "which pip installs unless build isolation is off (--no-build-isolation, or `python setup.py`): "
+                "`pip install pybind11`, then reinstall fastcl.",
+            ) from None
+        self._check_compiler()
         ext.include_dirs = [pybind11.get_include(), *ext.include_dirs]
         msvc = self.compiler.compiler_type == "msvc"
         if msvc:
             ext.extra_compile_args = ["/O2", "/std:c++17", "/openmp", "/EHsc"]
         else:
             args = ["-O3", "-g0", "-std=c++17", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
-            if platform.machine().lower() in ("x86_64", "amd64") and _has_flag(self.compiler, "-march=x86-64-v2"):
+            if platform.machine().lower() in ("x86_64", "amd64") and self._flag("-march=x86-64-v2"):
                 args.append("-march=x86-64-v2")
             link = []
-            if ext.name == "fastcl._C" and _has_flag(self.compiler, "-fopenmp"):
+            if ext.name == "fastcl._C" and self._flag("-fopenmp"):
                 args.append("-fopenmp")
                 link.append("-fopenmp")
             ext.extra_compile_args = args
@@ -166,7 +294,7 @@ class OptionalBuildExt(build_ext):
         if ext.name == "fastcl._cuda" and (self.force or self._stale(ext)):
             nvcc = find_nvcc()
             if nvcc is None:
-                raise RuntimeError("nvcc not found")
+                raise BuildProblem("no-nvcc", "nvcc not found (CUDA_HOME, CUDA_PATH, PATH)")
             home = cuda_home(nvcc)
             ext.extra_objects = compile_cuda_objects(nvcc, os.path.join(self.build_temp, "fastcl_cuda"), cuda_archs())
             ext.library_dirs = cuda_library_dirs(home)
@@ -175,7 +303,9 @@ class OptionalBuildExt(build_ext):
 
 def extensions() -> list[Extension]:
     exts = []
-    if not _env_off("FASTCL_BUILD_CPP"):
+    if _env_off("FASTCL_BUILD_CPP"):
+        SKIPPED["fastcl._C"] = "not built: FASTCL_BUILD_CPP=0 at install time"
+    else:
         exts.append(Extension(
             "fastcl._C",
             sources=[os.path.join(CPU_DIR, f) for f in ("bindings.cpp", "penalty.cpp", "distill.cpp", "distill_avx2.cpp", "distill_avx512.cpp")],
@@ -192,7 +322,10 @@ def extensions() -> list[Extension]:
             language="c++",
         ))
     elif not _env_off("FASTCL_BUILD_CUDA"):
+        SKIPPED["fastcl._cuda"] = "not built: nvcc was not found at install time (CUDA_HOME, CUDA_PATH, PATH)"
         print("fastcl: nvcc not found (CUDA_HOME, CUDA_PATH, PATH): not building fastcl._cuda", flush=True)
+    else:
+        SKIPPED["fastcl._cuda"] = "not built: FASTCL_BUILD_CUDA=0 at install time"
     return exts
 
 

@@ -10,7 +10,8 @@ and task-B losses are printed for each. Plain fine-tuning forgets task A; the
 regularized runs keep more of it. All training goes through ``transformers.Trainer``
 via :class:`fastcl.integrations.hf.ContinualTrainer`.
 
-    python examples/retrain_llm.py                      # CPU, about a minute
+    python examples/retrain_llm.py                      # CPU, 2 threads: ~5.5 min of CPU time (20 min wall
+                                                        # measured on 2 cores shared with other jobs)
     python examples/retrain_llm.py --device cuda --hidden 256 --layers 4 --vocab 512 --steps 400
 
 Needs ``pip install "fastcl[hf]"``.
@@ -79,6 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--fisher-samples", type=int, default=128, help="task-A sequences for the Fisher")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (2: this small model gains little from more)")
     p.add_argument("--output-dir", default=None, help="Trainer output dir (default: a temporary directory)")
     return p.parse_args(argv)
 
@@ -145,6 +147,8 @@ def quiet(trainer: ContinualTrainer) -> ContinualTrainer:
 
 
 def run(args, output_dir):
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     # Llama's RMSNorm weights have no per-sample rule; the Fisher computes them exactly
     # with a slower fallback and says so once. Expected here, so not shown.
     warnings.filterwarnings("ignore", category=fastcl.PerSampleFallbackWarning)

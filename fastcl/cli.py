@@ -2,9 +2,13 @@
 
 Subcommands:
 
-* ``fastcl demo``: every strategy on permuted and split digits, one table (see :mod:`fastcl.demo`).
+* ``fastcl demo``: every strategy on permuted and split digits, one table (see :mod:`fastcl.demo`);
+  ``--strength ewc=100`` overrides a strength, ``--sweep-strength`` trains each regularizer over
+  a grid of strengths.
 * ``fastcl info``: versions, devices and the backend each op would use on each device.
-* ``fastcl bench [ARGS...]``: ``benchmarks/run.py ARGS...`` from the source tree, if present.
+* ``fastcl bench [ARGS...]``: ``benchmarks/run.py ARGS...`` from the source tree (or
+  ``$FASTCL_BENCHMARKS``), results in ``--out DIR`` (default ``./fastcl-bench``); from a
+  wheel, it says what to run instead.
 
 Bad input prints one line ``fastcl <cmd>: error: <what>`` on stderr and exits with 2; a
 failure while running (e.g. a diverged training run) prints one line and exits with 1
@@ -50,11 +54,12 @@ def _number(convert, accepts, what: str, bound_what: str | None = None):
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number", "a positive finite number")
+_non_negative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0", "a finite number >= 0")
 
 
 def _build_parser() -> tuple[_Parser, _Parser]:
     """The ``fastcl`` parser and its ``demo`` subparser."""
-    from .demo import SCENARIOS, STRATEGIES, DemoConfig
+    from .demo import REGULARIZERS, SCENARIOS, STRATEGIES, SWEEP_FACTORS, DemoConfig
 
     defaults = DemoConfig()
     parser = _Parser(prog="fastcl", description="fastcl: retrain a PyTorch network on new data without forgetting the old.")
@@ -82,14 +87,39 @@ def _build_parser() -> tuple[_Parser, _Parser]:
     demo.add_argument("--lr", type=_positive_float, default=defaults.lr, help=f"SGD learning rate (default: {defaults.lr})")
     demo.add_argument("--hidden", type=_positive_int, default=defaults.hidden, help=f"hidden width of the MLP (default: {defaults.hidden})")
     demo.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    demo.add_argument("--json", metavar="PATH", help="write all results (metrics and accuracy matrices) as JSON")
-    demo.add_argument("--plot", metavar="PATH.png", help="plot average accuracy after each task (needs matplotlib)")
+    demo.add_argument(
+        "--strength",
+        action="append",
+        default=[],
+        metavar="STRATEGY=VALUE",
+        help=f"override a strategy's strength λ (repeatable), e.g. --strength ewc=100 --strength lwf=2; "
+        f"strategies with one: {','.join(REGULARIZERS)} (a +replay variant uses its base's)",
+    )
+    demo.add_argument(
+        "--sweep-strength",
+        action="store_true",
+        help="instead of one run per strategy, train each regularizer in --strategies over a grid of strengths "
+        "(default × each of --sweep-factors) and report final accuracy and forgetting against strength",
+    )
+    demo.add_argument(
+        "--sweep-factors",
+        default=",".join(f"{f:g}" for f in SWEEP_FACTORS),
+        metavar="LIST",
+        help="comma-separated multiples of each default strength for --sweep-strength (default: %(default)s)",
+    )
+    demo.add_argument("--json", metavar="PATH", help="write the results, the configuration, versions and backends as JSON")
+    demo.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="plot average accuracy after each task (with --sweep-strength: accuracy and forgetting against "
+        "strength); .png, .pdf or .svg (needs matplotlib)",
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bar (it is shown on stderr only when stderr is a terminal)")
 
     sub.add_parser("info", help="versions, devices and the backend of each op", description="Versions, devices and backends.")
     sub.add_parser(
         "bench",
-        help="run benchmarks/run.py from the source tree (arguments are passed through)",
+        help="run benchmarks/run.py from the source tree (arguments are passed through; results in --out, default ./fastcl-bench)",
         description="Run benchmarks/run.py from the source tree; all arguments are passed to it.",
         add_help=False,
     )
@@ -132,42 +162,107 @@ def _check_device(parser: _Parser, text: str) -> str:
     return str(device)
 
 
+_PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def _check_output_path(parser: _Parser, flag: str, text: str, suffixes: tuple[str, ...]) -> Path:
+    """An output file path checked before any work: not a directory, a known suffix, a writable folder."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        parser.error(f"{flag} {text} is a directory; give a file name such as {path / ('demo' + suffixes[0])}")
+    if path.suffix.lower() not in suffixes:
+        parser.error(f"{flag} {text}: expected a file name ending in {', '.join(suffixes)}")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        parser.error(f"{flag} {text}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        parser.error(f"{flag} {text}: not writable")
+    return path
+
+
+def _parse_strengths(parser: _Parser, items: Sequence[str]) -> dict[str, float]:
+    from .demo import REGULARIZERS
+
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep:
+            parser.error(f"--strength {item!r}: expected STRATEGY=VALUE, e.g. ewc=100")
+        base = "finetune" if name == "replay" else name.removesuffix("+replay")
+        if base not in REGULARIZERS:
+            parser.error(f"--strength {item!r}: {name!r} has no strength; choose from {','.join(REGULARIZERS)}")
+        try:
+            out[base] = _non_negative_float(value)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"--strength {item!r}: {exc}")
+    return out
+
+
+def _parse_factors(parser: _Parser, text: str) -> list[float]:
+    try:
+        factors = [_positive_float(v) for v in text.split(",") if v.strip()]
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"--sweep-factors: {exc}")
+    if not factors:
+        parser.error("--sweep-factors is empty")
+    return factors
+
+
 def _run_demo(args: argparse.Namespace, parser: _Parser) -> int:
     import json
 
-    import torch
-
-    from .demo import SCENARIOS, config_with, format_table, run_demo, save_plot
+    from .demo import REGULARIZERS, SCENARIOS, STRATEGIES
 
     strategies = _parse_strategies(parser, args.strategies)
+    strengths = _parse_strengths(parser, args.strength)
     device = _check_device(parser, args.device)
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
-    if args.plot is not None:
+    json_path = None if args.json is None else _check_output_path(parser, "--json", args.json, (".json",))
+    plot_path = None if args.plot is None else _check_output_path(parser, "--plot", args.plot, _PLOT_SUFFIXES)
+    factors = _parse_factors(parser, args.sweep_factors)
+    if args.sweep_strength:
+        requested = [s for s in strategies if s in REGULARIZERS]
+        if args.strategies == ",".join(STRATEGIES):  # the default: every regularizer
+            requested = list(REGULARIZERS)
+        if not requested:
+            parser.error(f"--sweep-strength needs regularizers in --strategies ({','.join(REGULARIZERS)})")
+        strategies = requested
+    if plot_path is not None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             print("fastcl demo: error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
             return 2
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None:
-            parent = Path(path).expanduser().resolve().parent
-            if not parent.is_dir():
-                parser.error(f"{flag} {path}: directory {parent} does not exist")
     try:
         import sklearn  # noqa: F401
     except ImportError:
         print("fastcl demo: error: the demo needs scikit-learn for its bundled digits (pip install scikit-learn)", file=sys.stderr)
         return 2
+    import torch
+
+    from .demo import config_with, format_sweep, format_table, run_demo, run_record, run_sweep, save_plot, save_sweep_plot
+
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # the MLP is tiny: intra-op threads cost more than they bring
     cfg = config_with(epochs=args.epochs, seed=args.seed, device=device, lr=args.lr, hidden=args.hidden)
-    results = run_demo(scenarios, strategies, cfg, progress=False if args.quiet else None)
-    print(format_table(results))
-    if args.json is not None:
-        with open(Path(args.json).expanduser(), "w") as fh:
-            json.dump(results, fh, indent=2)
-    if args.plot is not None:
-        save_plot(results, str(Path(args.plot).expanduser()))
+    cfg.strengths.update(strengths)
+    progress = False if args.quiet else None
+    if args.sweep_strength:
+        results = run_sweep(scenarios, strategies, cfg, factors, progress=progress)
+        print(format_sweep(results))
+        record = run_record(cfg, scenarios, strategies, sweep_factors=factors)
+    else:
+        results = run_demo(scenarios, strategies, cfg, progress=progress)
+        print(format_table(results))
+        record = run_record(cfg, scenarios, strategies)
+    if json_path is not None:
+        with open(json_path, "w") as fh:
+            json.dump({**record, "results": results}, fh, indent=2)
+        print(f"wrote {json_path}", file=sys.stderr)
+    if plot_path is not None:
+        (save_sweep_plot if args.sweep_strength else save_plot)(results, str(plot_path))
+        print(f"wrote {plot_path}", file=sys.stderr)
     return 0
 
 
@@ -205,6 +300,12 @@ def _run_info() -> int:
 
                 detail = f" (distill kernel: {cpp._C.distill_isa()})"
             print(f"    {backend}: " + ("available" + detail if reason is None else f"unavailable ({_one_line(reason)})"))
+    from ._build_report import describe, status_path
+    from .kernels import cpp, cuda
+
+    print(f"build ({status_path().name}, written when fastcl was installed):")
+    for name, module in (("fastcl._C", cpp), ("fastcl._cuda", cuda)):
+        print(f"  {name}: {describe(name, module.BUILD_ERROR)}")
     return 0
 
 
@@ -213,15 +314,39 @@ def _one_line(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------- bench
+BENCH_OUT = "fastcl-bench"
+"""Where ``fastcl bench`` writes when not given ``--out``: a folder in the current directory."""
+
+
+def _find_bench_script() -> Path | None:
+    """``run.py`` from ``$FASTCL_BENCHMARKS``, the source tree around this package, or ``./benchmarks``."""
+    candidates = []
+    if os.environ.get("FASTCL_BENCHMARKS"):
+        candidates.append(Path(os.environ["FASTCL_BENCHMARKS"]).expanduser())
+    candidates += [Path(__file__).resolve().parent.parent / "benchmarks", Path.cwd() / "benchmarks"]
+    for folder in candidates:
+        if (folder / "run.py").is_file() and (folder / "suites").is_dir():
+            return folder / "run.py"
+    return None
+
+
 def _run_bench(argv: Sequence[str]) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
-    if not script.is_file():
+    """``benchmarks/run.py ARGS`` with results in ``--out`` (default ``./fastcl-bench``), never the source tree."""
+    script = _find_bench_script()
+    if script is None:
         print(
-            "fastcl bench: benchmarks/run.py is not here (it ships with the source tree, not the wheel); "
-            "clone the repository and run it from there",
+            "fastcl bench: the benchmarks are not installed with the package (they ship with fastcl's source tree).\n"
+            "  From a checkout of the source:   pip install -e \".[bench]\" && fastcl bench --quick\n"
+            "  Or point at its benchmarks:      FASTCL_BENCHMARKS=/path/to/fastcl/benchmarks fastcl bench --quick\n"
+            f"  Results go to --out DIR (default ./{BENCH_OUT}).",
             file=sys.stderr,
         )
         return 2
+    argv = list(argv)
+    asks_help = any(a in ("-h", "--help") for a in argv)
+    if not asks_help and not any(a == "--out" or a.startswith("--out=") for a in argv):
+        argv += ["--out", str(Path.cwd() / BENCH_OUT)]
+        print(f"fastcl bench: writing results to {Path.cwd() / BENCH_OUT} (choose with --out DIR)", file=sys.stderr)
     return subprocess.call([sys.executable, str(script), *argv])
 
 

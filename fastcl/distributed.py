@@ -23,13 +23,14 @@ parallel layouts (``_StridedShard``, ``Partial``) raise ``NotImplementedError``.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 __all__ = [
-    "DTensor",
+    "DTensor",  # noqa: F822 - provided lazily by __getattr__
     "all_reduce_sum",
     "as_dtensor_like",
     "collective_device",
@@ -48,15 +49,40 @@ try:
 except ImportError:  # pragma: no cover - torch built without distributed
     dist = None
 
-DTensor = Shard = Replicate = None
-if dist is not None and dist.is_available():
-    try:  # torch >= 2.5
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-    except ImportError:  # torch 2.4
-        try:
-            from torch.distributed._tensor import DTensor, Replicate, Shard
-        except ImportError:  # pragma: no cover
-            pass
+# torch.distributed.tensor (DTensor) costs ~1 s to import (sympy, the sharding-propagation
+# rules), so it is imported only when a DTensor can exist. That test is exact, not a
+# guess: a DTensor is an instance of a class defined in that package, so while the
+# package is not in sys.modules no object can be a DTensor.
+_DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")
+_api: tuple | None = None
+
+
+def _dtensor_api() -> tuple:
+    """``(DTensor, Replicate, Shard)``, importing ``torch.distributed.tensor`` on first use (Nones without it)."""
+    global _api
+    if _api is None:
+        api = (None, None, None)
+        if dist is not None and dist.is_available():
+            try:  # torch >= 2.5
+                from torch.distributed.tensor import DTensor, Replicate, Shard
+
+                api = (DTensor, Replicate, Shard)
+            except ImportError:  # torch 2.4
+                try:
+                    from torch.distributed._tensor import DTensor, Replicate, Shard
+
+                    api = (DTensor, Replicate, Shard)
+                except ImportError:  # pragma: no cover
+                    pass
+        _api = api
+    return _api
+
+
+def __getattr__(name: str):
+    """``fastcl.distributed.DTensor`` (the class, or ``None`` without distributed), imported on first access."""
+    if name == "DTensor":
+        return _dtensor_api()[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_distributed() -> bool:
@@ -66,7 +92,10 @@ def is_distributed() -> bool:
 
 def is_dtensor(t) -> bool:
     """``True`` for a DTensor (an FSDP2 parameter, its gradient, a sharded anchor...)."""
-    return DTensor is not None and isinstance(t, DTensor)
+    if _api is None and not any(m in sys.modules for m in _DTENSOR_MODULES):
+        return False  # the DTensor class is not even defined yet
+    dtensor = _dtensor_api()[0]
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -80,6 +109,7 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def _placements(t) -> tuple:
+    _, Replicate, Shard = _dtensor_api()
     for pl in t.placements:
         if not (type(pl) is Shard or isinstance(pl, Replicate)):
             raise NotImplementedError(
@@ -97,7 +127,8 @@ def shard_groups(t) -> tuple:
     if not is_dtensor(t):
         return ()
     mesh = t.device_mesh
-    return tuple(mesh.get_group(i) for i, pl in enumerate(_placements(t)) if type(pl) is Shard)
+    shard = _dtensor_api()[2]
+    return tuple(mesh.get_group(i) for i, pl in enumerate(_placements(t)) if type(pl) is shard)
 
 
 def all_reduce_sum(value, groups: Sequence = ()):
@@ -142,8 +173,9 @@ def local_shard(full: torch.Tensor, like) -> torch.Tensor:
     if coord is None:
         raise ValueError("this rank is not part of the DTensor's device mesh")
     t = full
+    shard = _dtensor_api()[2]
     for i, pl in enumerate(_placements(like)):
-        if type(pl) is not Shard:
+        if type(pl) is not shard:
             continue
         dim = pl.dim % t.dim()
         chunks = torch.chunk(t, mesh.size(i), dim=dim)
@@ -185,7 +217,7 @@ def as_dtensor_like(local: torch.Tensor, like):
     """
     if tuple(local.shape) != tuple(like._local_tensor.shape):
         raise ValueError(f"local shard has shape {tuple(local.shape)}, expected {tuple(like._local_tensor.shape)}")
-    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride())
+    return _dtensor_api()[0].from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride())
 
 
 def _ddp_types() -> tuple:

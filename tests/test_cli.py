@@ -30,6 +30,15 @@ BAD_DEMO_ARGS = [
     (["--hidden", "-1"], "--hidden"),
     (["--device", "tpu:0"], "--device"),
     (["--json", "/no/such/dir/out.json"], "does not exist"),
+    (["--json", "/tmp"], "is a directory"),
+    (["--plot", "/tmp"], "is a directory"),
+    (["--plot", "/tmp/plot"], "expected a file name ending in .png"),
+    (["--json", "/tmp/out.txt"], "ending in .json"),
+    (["--strength", "ewc"], "expected STRATEGY=VALUE"),
+    (["--strength", "finetune=3"], "has no strength"),
+    (["--strength", "ewc=nan"], "--strength"),
+    (["--sweep-factors", "1,-2"], "--sweep-factors"),
+    (["--sweep-strength", "--strategies", "finetune,freeze"], "needs regularizers"),
     (["--bogus"], "unrecognized arguments"),
 ]
 
@@ -77,8 +86,30 @@ def test_bench_without_script_is_a_clear_message(monkeypatch, capsys, tmp_path):
     import fastcl.cli as cli
 
     monkeypatch.setattr(cli, "__file__", str(tmp_path / "fastcl" / "cli.py"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FASTCL_BENCHMARKS", raising=False)
     assert main(["bench", "--quick"]) == 2
-    assert "benchmarks/run.py" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert 'pip install -e ".[bench]" && fastcl bench --quick' in err and "FASTCL_BENCHMARKS=" in err
+
+
+@pytest.mark.skipif(not (REPO / "benchmarks" / "run.py").is_file(), reason="benchmarks/run.py not in this tree")
+def test_bench_writes_where_asked_not_into_the_source_tree(monkeypatch, tmp_path, capsys):
+    import fastcl.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--quick"]) == 0
+    assert calls[-1][-2:] == ["--out", str(tmp_path / "fastcl-bench")]
+    assert "writing results to" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--out", "mine"]) == 0
+    assert calls[-1][-2:] == ["--out", "mine"] and calls[-1].count("--out") == 1
+    # an installed package finds the benchmarks through FASTCL_BENCHMARKS
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site" / "fastcl" / "cli.py"))
+    monkeypatch.setenv("FASTCL_BENCHMARKS", str(REPO / "benchmarks"))
+    assert main(["bench", "--quick"]) == 0
+    assert calls[-1][1] == str(REPO / "benchmarks" / "run.py")
 
 
 @pytest.mark.skipif(not (REPO / "benchmarks" / "run.py").is_file(), reason="benchmarks/run.py not in this tree")
@@ -108,3 +139,23 @@ def test_diverged_run_is_one_line_exit_1(capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "diverged" in err
+
+
+def test_paths_are_checked_before_the_run(tmp_path, monkeypatch):
+    import fastcl.demo as demo
+
+    def never(*args, **kwargs):
+        raise AssertionError("the demo ran before its output paths were checked")
+
+    monkeypatch.setattr(demo, "run_demo", never)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: nothing to check there
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(SystemExit) as info:
+            main(["demo", "--json", str(locked / "out.json")])
+        assert info.value.code == 2
+    finally:
+        locked.chmod(0o700)

@@ -37,3 +37,14 @@ def test_balanced_sampling_lifts_rare_classes():
     shuffled = numbers(r"shuffled: worst per-class recall ([0-9.]+)", out)[0]
     balanced = numbers(r"balanced sampler: worst per-class recall ([0-9.]+)", out)[0]
     assert balanced > shuffled
+
+
+def test_avalanche_strength_conversion_reproduces_its_accuracy():
+    # strength = 2·ewc_lambda/B: fastcl lands on the Avalanche-style loop's accuracy (quick: 2 tasks, 1 epoch)
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "port_from_avalanche.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ratios = numbers(r"batch +\d+: ratio +([0-9.]+)", proc.stdout)
+    assert len(ratios) == 4 and ratios == sorted(ratios) and ratios[0] > 4  # F/I grows with B
+    diffs = numbers(r"  ([+-][0-9.]+)\n", proc.stdout)
+    assert len(diffs) == 2 and all(abs(d) < 0.03 for d in diffs), proc.stdout

@@ -3,7 +3,8 @@
 Rows, op ``distill`` (``cases.DISTILL``): each entry of :data:`BASELINES` and
 ``fastcl[<backend>]`` (``fastcl.ops.distillation_loss``). Rows, op ``fused_linear_distill``
 (``cases.FUSED``): each entry of :data:`FUSED_BASELINES` and ``fastcl[<backend>]``
-(``fastcl.ops.fused_linear_distillation``).
+(``fastcl.ops.fused_linear_distillation``). The rows of a case are timed interleaved
+(round-robin, ``cfg.rounds`` rounds), so a shared machine's drift falls on all alike.
 **Add a baseline**: write it in ``baselines.py``, add one entry to :data:`BASELINES` or
 :data:`FUSED_BASELINES`. A baseline's name may use ``{chunk}`` (rows per chunk, R/8).
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from cases import DTYPE_NAMES, DistillCase, FusedCase, cases
 from harness.record import Config, Recorder, Unavailable, available_backends, forced, free
-from harness.timing import cycle, rotation_count
+from harness.timing import cycle, measure_interleaved, rotation_count
 from inputs import make_lm_head, make_logits
 from oracles import distill_expected, fused_expected, grad_bound, norm_errors, rows_for, worst_ratio
 
@@ -120,19 +121,27 @@ def bench(cfg: Config, rec: Recorder) -> None:
 
 
 def _bench_logits(cfg: Config, rec: Recorder, case: DistillCase) -> None:
+    """Every row of one case timed round-robin (``cfg.rounds`` rounds), so drift of a shared
+    machine falls on all rows alike; then each row's peak memory."""
     device, label, size = cfg.device, case.label, case.rows * case.vocab
     inp = make_logits_inputs(case, device, rotation_cap=cfg.rotation_cap)
     k = len(inp.pairs)
+    steps = {}
     for key, make in BASELINES.items():
         name = key.format(chunk=inp.chunk)
         try:
-            step = make(inp)
+            steps[name] = inp.on_next(make(inp))
         except Unavailable as why:
             rec.skip(OP, name, label, str(why))
-            continue
-        rec.measure(OP, name, label, size, inp.on_next(step), bytes_moved=inp.nbytes, rotate=k)
     for b in available_backends(device, FASTCL_OP, case.dtype, on_skip=lambda b, why: rec.skip(OP, f"fastcl[{b}]", label, why)):
-        rec.measure(OP, f"fastcl[{b}]", label, size, forced(b, inp.on_next(fastcl_distill)), bytes_moved=inp.nbytes, rotate=k)
+        steps[f"fastcl[{b}]"] = forced(b, inp.on_next(fastcl_distill))
+    try:
+        timings = measure_interleaved(steps, device, warmup=1, rounds=cfg.rounds)
+    except Exception as exc:  # noqa: BLE001 - rec.measure times each row alone and reports its failure
+        print(f"  interleaved timing failed ({type(exc).__name__}: {exc}); timing one by one", flush=True)
+        timings = {}
+    for name, step in steps.items():
+        rec.measure(OP, name, label, size, step, bytes_moved=inp.nbytes, rotate=k, timing=timings.get(name))
 
     def loss_error():
         s, t = inp.pairs[0]
@@ -144,13 +153,20 @@ def _bench_logits(cfg: Config, rec: Recorder, case: DistillCase) -> None:
 
 
 def _bench_fused(cfg: Config, rec: Recorder, case: FusedCase) -> None:
+    """Every row of one case timed round-robin, as :func:`_bench_logits`."""
     device, label, size = cfg.device, case.label, case.rows * case.vocab
     head = make_lm_head(case.rows, case.vocab, case.hidden, case.dtype, device)
     slow = not cfg.quick and device.type == "cpu"
-    for name, step in FUSED_BASELINES.items():
-        rec.measure(FUSED_OP, name, label, size, fused_step(step, head), slow=slow)
+    steps = {name: fused_step(step, head) for name, step in FUSED_BASELINES.items()}
     for b in available_backends(device, FASTCL_OP, case.dtype, on_skip=lambda b, why: rec.skip(FUSED_OP, f"fastcl[{b}]", label, why)):
-        rec.measure(FUSED_OP, f"fastcl[{b}]", label, size, forced(b, fused_step(fastcl_fused, head)), slow=slow)
+        steps[f"fastcl[{b}]"] = forced(b, fused_step(fastcl_fused, head))
+    try:
+        timings = measure_interleaved(steps, device, warmup=1, rounds=cfg.rounds)
+    except Exception as exc:  # noqa: BLE001 - rec.measure times each row alone and reports its failure
+        print(f"  interleaved timing failed ({type(exc).__name__}: {exc}); timing one by one", flush=True)
+        timings = {}
+    for name, step in steps.items():
+        rec.measure(FUSED_OP, name, label, size, step, slow=slow, timing=timings.get(name))
 
 
 # ---------------------------------------------------------------------------- gpu_check.py

@@ -52,11 +52,12 @@ double penalty(const std::vector<uintptr_t>& params, const std::vector<uintptr_t
 }
 
 void distill(uintptr_t student, uintptr_t teacher, uintptr_t mask, uintptr_t row_loss, uintptr_t grad,
-             int64_t rows, int64_t vocab, int dtype, double temperature, int num_threads, int isa) {
+             int64_t rows, int64_t vocab, int dtype, double temperature, double grad_scale, int num_threads, int isa) {
     py::gil_scoped_release no_gil;
     fastcl::distill_cpu(reinterpret_cast<const void*>(student), reinterpret_cast<const void*>(teacher),
                         reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<float*>(row_loss),
-                        reinterpret_cast<void*>(grad), rows, vocab, dtype, temperature, num_threads, isa);
+                        reinterpret_cast<void*>(grad), rows, vocab, dtype, temperature, grad_scale, num_threads,
+                        isa);
 }
 
 }  // namespace
@@ -72,9 +73,9 @@ PYBIND11_MODULE(_C, m) {
           "as ints; empty weights = w 1. Codes: csrc/common/codes.h (dtypes 0 float32, 1 bfloat16, 2 float16).");
     m.def("distill", &distill, py::arg("student"), py::arg("teacher"), py::arg("mask"), py::arg("row_loss"),
           py::arg("grad"), py::arg("rows"), py::arg("vocab"), py::arg("dtype"), py::arg("temperature"),
-          py::arg("num_threads"), py::arg("isa") = -1,
-          "Per row: row_loss = T²·KL(softmax(t/T) ‖ softmax(s/T)) (float32), grad = T·(softmax(s/T) − "
-          "softmax(t/T)) in the logits' dtype; mask address 0 = no mask, else uint8 per row. isa: -1 = the widest "
+          py::arg("grad_scale"), py::arg("num_threads"), py::arg("isa") = -1,
+          "Per row: row_loss = T²·KL(softmax(t/T) ‖ softmax(s/T)) (float32, unscaled), grad = grad_scale·T·"
+          "(softmax(s/T) − softmax(t/T)) in the logits' dtype; mask address 0 = no mask, else uint8 per row. isa: -1 = the widest "
           "variant this CPU supports, else 0 baseline, 1 avx2, 2 avx512 (for tests).");
     m.def("distill_isa", [] {
         static const char* names[] = {"baseline", "avx2", "avx512"};

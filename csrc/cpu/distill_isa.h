@@ -8,7 +8,7 @@ namespace fastcl {
     namespace NS {                                                                                   \
     void distill(const void* student, const void* teacher, const uint8_t* mask, float* row_loss,    \
                  void* grad, int64_t rows, int64_t vocab, int dtype, double temperature,             \
-                 int num_threads);                                                                   \
+                 double grad_scale, int num_threads);                                                \
     }
 FASTCL_DECLARE_DISTILL(isa_baseline)
 FASTCL_DECLARE_DISTILL(isa_avx2)

@@ -22,13 +22,14 @@ double penalty_cpu(int64_t num_tensors, const void* const* params, const void* c
                    double scale, int num_threads);
 
 // Per row r of [R, V] logits: row_loss[r] = T²·KL(softmax(t/T) ‖ softmax(s/T)),
-// grad[r] = T·(softmax(s/T) − softmax(t/T)) in the logits' dtype; rows with mask[r] == 0
-// (mask may be nullptr) get 0. row_loss is float32.
+// grad[r] = grad_scale·T·(softmax(s/T) − softmax(t/T)) in the logits' dtype; rows with
+// mask[r] == 0 (mask may be nullptr) get 0. row_loss is float32 and not scaled. NaN, +inf
+// and all −inf rows give NaN (contract in fastcl/ops/distill.py).
 // Runs ISA variant `isa` (0 baseline, 1 AVX2+FMA, 2 AVX-512), or with isa = -1 the widest
 // the CPU supports (see distill_isa()); asking for one the CPU lacks throws.
 void distill_cpu(const void* student, const void* teacher, const uint8_t* mask, float* row_loss,
                  void* grad, int64_t rows, int64_t vocab, int dtype, double temperature,
-                 int num_threads, int isa = -1);
+                 double grad_scale, int num_threads, int isa = -1);
 
 // The distillation variant in use: 0 baseline (x86-64-v2 or non-x86), 1 AVX2+FMA, 2 AVX-512.
 int distill_isa();

@@ -5,8 +5,9 @@ r"""The ``cpp`` backend: CPU kernels of the compiled extension ``fastcl._C`` (C+
   tensor of the list in one call and one pass over memory. Work is cut into fixed chunks
   of 64K elements spanning all tensors; chunk partial sums are added in chunk order, so
   the value is bitwise the same for any thread count.
-* ``distill``: per row ``T²·KL(softmax(t/T) ‖ softmax(s/T))`` and ``T·(softmax(s/T) −
-  softmax(t/T))``, rows split over threads.
+* ``distill``: per row ``T²·KL(softmax(t/T) ‖ softmax(s/T))`` and ``grad_scale·T·(softmax(s/T) −
+  softmax(t/T))``, rows split over threads, in the ISA variant (baseline, AVX2, AVX-512)
+  chosen for this CPU at run time.
 
 θ/grad/logits in float32, bfloat16 or float16; anchors and weights in float32 or
 bfloat16; math in float32. The extension takes raw addresses (``data_ptr()``), sizes and
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._validate import check_real
 from ._checks import DTYPE_CODES, check_tensor, penalty_arguments
 
 try:
@@ -67,13 +69,17 @@ def penalty(
 
 
 def distill(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+    grad_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row ``(T²·KL(softmax(t/T) ‖ softmax(s/T)), T·(softmax(s/T) − softmax(t/T)))``.
+    """Per row ``(T²·KL(softmax(t/T) ‖ softmax(s/T)), grad_scale·T·(softmax(s/T) − softmax(t/T)))``.
 
     ``student``, ``teacher``: ``[R, V]`` contiguous CPU tensors of one dtype; ``mask``:
     ``None`` or ``[R]`` bool (False rows get 0). Returns ``row_loss`` ``[R]`` float32 and
-    ``grad`` ``[R, V]`` in the student's dtype.
+    ``grad`` ``[R, V]`` in the student's dtype (contract in :mod:`fastcl.ops.distill`).
     """
     if _C is None:
         raise RuntimeError(BUILD_ERROR)
@@ -85,8 +91,8 @@ def distill(
         raise ValueError(f"teacher has shape {tuple(teacher.shape)} but student has {tuple(student.shape)}")
     if student.dtype not in DTYPE_CODES or teacher.dtype != student.dtype:
         raise TypeError(f"student and teacher must share a dtype in {tuple(DTYPE_CODES)}, got {student.dtype} and {teacher.dtype}")
-    if not (temperature > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    temperature = check_real(temperature, "temperature", low=0.0, low_inclusive=False)
+    grad_scale = check_real(grad_scale, "grad_scale")
     rows, vocab = student.shape
     if mask is not None:
         if mask.dtype != torch.bool or tuple(mask.shape) != (rows,) or mask.device.type != "cpu":
@@ -103,7 +109,8 @@ def distill(
         rows,
         vocab,
         DTYPE_CODES[student.dtype],
-        float(temperature),
+        temperature,
+        grad_scale,
         torch.get_num_threads(),
     )
     return row_loss, grad
