@@ -35,8 +35,8 @@ def sample_calls():
                                   ((params, anchors, [], 0.5, "l1", grads, True), {})],
         "fastcl::penalty_with_grad": [((params, anchors, weights, 0.5, "quadratic"), {})],
         "fastcl::sqgrad": [((x, go, torch.zeros(2, 5), 2), {})],
-        "fastcl::distill": [((student, teacher, 2.0, None), {}),
-                            ((student, teacher, 1.0, torch.tensor([True, False, True, True])), {})],
+        "fastcl::distill": [((student, teacher, 2.0, None, 1.0), {}),
+                            ((student, teacher, 1.0, torch.tensor([True, False, True, True]), 0.25), {})],
     }
 
 
