@@ -2,19 +2,25 @@
 
 Labels are a 1-D list, numpy array or tensor of non-negative integers. ``n_c`` is the
 number of samples of class ``c``, ``N = Σ_c n_c`` and ``K`` the number of classes.
+Per-class results are indexed by class id ``0 .. K-1`` (as ``CrossEntropyLoss(weight=...)``
+needs), so ``K`` is at most :data:`MAX_CLASSES`; sparse ids (say ``10**9``) must be
+remapped first, e.g. with ``torch.unique(labels, return_inverse=True)``.
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
 import torch
 from torch.utils.data import WeightedRandomSampler
 
-__all__ = ["balanced_sampler", "class_weights", "class_counts"]
+from ._validate import check_int, check_real
+
+__all__ = ["MAX_CLASSES", "balanced_sampler", "class_weights", "class_counts"]
 
 SCHEMES = ("inverse", "effective")
+MAX_CLASSES = 2**22
+"""The most classes :func:`class_counts` / :func:`class_weights` return one entry each for."""
 
 
 def _labels(labels) -> torch.Tensor:
@@ -43,16 +49,21 @@ def _labels(labels) -> torch.Tensor:
 
 
 def class_counts(labels, num_classes: int | None = None) -> torch.Tensor:
-    """``n_c`` for ``c = 0 .. K-1`` (int64), with ``K = num_classes`` or ``max(labels) + 1``."""
+    """``n_c`` for ``c = 0 .. K-1`` (int64), with ``K = num_classes`` or ``max(labels) + 1`` (at most :data:`MAX_CLASSES`)."""
     t = _labels(labels)
     needed = int(t.max()) + 1
     if num_classes is None:
+        if needed > MAX_CLASSES:
+            raise ValueError(
+                f"labels go up to {needed - 1}, which would make {needed} per-class entries (at most {MAX_CLASSES}); "
+                "class ids must be 0..K-1: remap sparse ids first, e.g. torch.unique(labels, return_inverse=True)[1]"
+            )
         num_classes = needed
-    elif not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool):
-        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
-    elif num_classes < needed:
-        raise ValueError(f"num_classes={num_classes} is too small for label {needed - 1} (need at least {needed})")
-    return torch.bincount(t, minlength=int(num_classes))
+    else:
+        num_classes = check_int(num_classes, "num_classes", low=1, high=MAX_CLASSES)
+        if num_classes < needed:
+            raise ValueError(f"num_classes={num_classes} is too small for label {needed - 1} (need at least {needed})")
+    return torch.bincount(t, minlength=num_classes)
 
 
 def balanced_sampler(
@@ -65,15 +76,15 @@ def balanced_sampler(
     ``num_samples`` defaults to ``len(labels)``; without ``replacement`` it may not exceed it.
     """
     t = _labels(labels)
-    counts = torch.bincount(t)
-    weights = 1.0 / counts[t].double()
-    if num_samples is None:
-        num_samples = t.numel()
-    if not isinstance(num_samples, (int, np.integer)) or isinstance(num_samples, bool) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    num_samples = t.numel() if num_samples is None else check_int(num_samples, "num_samples", low=1)
+    if not isinstance(replacement, (bool, np.bool_)):
+        raise TypeError(f"replacement must be a bool, got {type(replacement).__name__}")
+    replacement = bool(replacement)
     if not replacement and num_samples > t.numel():
         raise ValueError(f"num_samples={num_samples} exceeds the {t.numel()} samples, which needs replacement=True")
-    return WeightedRandomSampler(weights, int(num_samples), replacement=bool(replacement), generator=generator)
+    _, inverse, counts = torch.unique(t, return_inverse=True, return_counts=True)  # any class ids, no dense table
+    weights = 1.0 / counts[inverse].double()
+    return WeightedRandomSampler(weights, num_samples, replacement=replacement, generator=generator)
 
 
 def class_weights(labels, num_classes: int | None = None, scheme: str = "inverse", beta: float = 0.999) -> torch.Tensor:
@@ -90,18 +101,20 @@ def class_weights(labels, num_classes: int | None = None, scheme: str = "inverse
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if scheme == "effective":
+        beta = check_real(beta, "beta", low=0.0, high=1.0, high_inclusive=False)
     counts = class_counts(labels, num_classes).double()
     k = counts.numel()
     present = counts > 0
     if scheme == "inverse":
         raw = counts.sum() / (k * counts.clamp_min(1))
     else:
-        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0.0 <= beta < 1.0 or math.isnan(beta):
-            raise ValueError(f"beta must be a number in [0, 1), got {beta!r}")
         raw = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts.clamp_min(1)))
     if not present.all():
-        missing = torch.nonzero(~present).flatten().tolist()
-        warnings.warn(f"class_weights: classes {missing} have no samples; they get the largest weight of the others", stacklevel=2)
+        missing = torch.nonzero(~present).flatten()
+        shown = missing[:10].tolist()
+        more = f" and {missing.numel() - 10} more" if missing.numel() > 10 else ""
+        warnings.warn(f"class_weights: classes {shown}{more} have no samples; they get the largest weight of the others", stacklevel=2)
         raw = torch.where(present, raw, raw[present].max())
     if scheme == "effective":
         raw = raw * (k / raw.sum())

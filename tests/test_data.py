@@ -113,3 +113,34 @@ def test_balanced_sampler_options():
         balanced_sampler(y, num_samples=5, replacement=False)
     with pytest.raises(ValueError, match="num_samples"):
         balanced_sampler(y, num_samples=0)
+
+
+def test_sparse_class_ids_are_refused_without_allocating_by_the_largest_label():
+    """Issue 14.11: label 10⁹ used to allocate 10⁹ counts (the process was killed)."""
+    for call in (lambda: class_weights([0, 10**9]), lambda: class_counts(np.array([3, 10**9]))):
+        with pytest.raises(ValueError, match="remap"):
+            call()
+    with pytest.raises(ValueError, match="num_classes"):
+        class_weights([0, 1], num_classes=10**9)
+
+
+def test_balanced_sampler_takes_any_class_ids():
+    y = torch.tensor([10**9, 7, 10**9, 10**12])
+    np.testing.assert_allclose(balanced_sampler(y).weights.numpy(), [0.5, 1.0, 0.5, 1.0], rtol=1e-12)
+
+
+def test_numpy_and_tensor_scalars_as_options():
+    y = [0, 0, 1, 2, 2, 3]
+    expected = class_weights(y, num_classes=4, scheme="effective", beta=0.9)
+    got = class_weights(y, num_classes=np.int64(4), scheme="effective", beta=np.float32(0.9))
+    torch.testing.assert_close(got, expected)
+    assert len(balanced_sampler(y, num_samples=torch.tensor(3))) == 3
+    for kwargs, error in [({"num_classes": 4.0}, TypeError), ({"num_classes": True}, TypeError),
+                          ({"scheme": "effective", "beta": float("nan")}, ValueError), ({"scheme": "effective", "beta": "0.9"}, TypeError)]:
+        with pytest.raises(error):
+            class_weights(y, **kwargs)
+
+
+def test_many_empty_classes_give_a_short_warning():
+    with pytest.warns(UserWarning, match=r"\[1, 2, 3, 4, 5, 6, 7, 8, 9, 10\] and 989 more"):
+        class_weights([0, 1000])

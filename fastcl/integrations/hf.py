@@ -21,7 +21,9 @@ Three pieces, usable together or alone:
 * :func:`causal_lm_forward` and :func:`causal_lm_per_sequence_loss` make
   ``EWC.consolidate(dataloader, forward=causal_lm_forward, loss_fn=causal_lm_per_sequence_loss)``
   compute the exact per-sequence diagonal Fisher ``F = (1/N) Σ_n (∂ℓ_n/∂θ)²`` with
-  ``ℓ_n`` the mean next-token NLL of sequence ``n`` over its unmasked tokens.
+  ``ℓ_n`` the mean next-token NLL of sequence ``n`` over its unmasked tokens;
+  :func:`sequence_classification_forward` and :func:`sequence_classification_per_sample_loss`
+  do the same for ``*ForSequenceClassification`` models (``ℓ_n`` from ``labels``).
 
 * :class:`CausalLMLwF`: Learning without Forgetting for causal LMs. The distillation runs
   through :func:`fastcl.fused_linear_distillation` on the final hidden states and the LM
@@ -39,7 +41,7 @@ penalty gradient is then that of the mean of the per-rank Fishers.
 from __future__ import annotations
 
 import contextlib
-import math
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -54,10 +56,11 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
     ) from error
 
 from .._names import unwrap_model
+from .._validate import check_int
 from ..ops import fused_linear_distillation
-from ..strategies import EWC, MAS, LwF
+from ..strategies import LwF
 from ..strategies.base import check_strength
-from ..strategies.lwf import frozen_copy
+from ..strategies.lwf import check_temperature, frozen_copy
 
 __all__ = [
     "IGNORE_INDEX",
@@ -67,6 +70,8 @@ __all__ = [
     "causal_lm_forward",
     "causal_lm_per_sequence_loss",
     "causal_lm_targets",
+    "sequence_classification_forward",
+    "sequence_classification_per_sample_loss",
 ]
 
 IGNORE_INDEX = -100
@@ -199,6 +204,109 @@ def _causal_lm_mas_forward(model, batch):
     return logits, None
 
 
+# --------------------------------------------------------------------------- sequence classification
+
+
+def sequence_classification_forward(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``forward`` for :func:`fastcl.diagonal_fisher` / ``EWC.consolidate`` on a ``*ForSequenceClassification`` model.
+
+    ``batch``: a dict as a ``transformers`` data collator makes it (``input_ids``,
+    ``attention_mask``, ``labels``...). Returns ``(logits [B, C], batch["labels"] or None)``;
+    the labels are not passed to the model (no loss is computed there).
+    """
+    batch = _as_batch(batch)
+    device = _model_device(model)
+    labels = batch.get("labels")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+        labels = labels.to(device, non_blocking=True)
+    outputs = model(**_model_inputs(batch, device))
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+    if logits.dim() != 2:
+        raise ValueError(f"a sequence classifier must return logits [batch, labels], got shape {tuple(logits.shape)}")
+    return logits, labels
+
+
+def sequence_classification_per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, *, problem_type: str | None = None) -> torch.Tensor:
+    r"""Per-sample loss ``ℓ_n`` ``[B]`` of a sequence classifier; ``transformers`` trains on their mean.
+
+    As ``transformers`` picks it (``problem_type``, else from the shapes and label dtype):
+
+    * ``"single_label_classification"`` (integer labels ``[B]``, C > 1): ``ℓ_n = −log softmax(z_n)[y_n]``;
+    * ``"regression"`` (float labels; C = 1 or ``[B, C]`` targets): ``ℓ_n = mean_c (z_nc − y_nc)²``;
+    * ``"multi_label_classification"`` (float 0/1 labels ``[B, C]``): ``ℓ_n = mean_c BCE(z_nc, y_nc)``.
+
+    Computed in float32 (float64 for float64 logits).
+    """
+    if labels is None:
+        raise ValueError("the per-sample loss of a sequence classifier needs labels: the batches must contain 'labels'")
+    if logits.dim() != 2 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"expected logits [B, C] and labels with B rows, got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    acc = _penalty_dtype(logits.dtype)
+    z = logits.to(acc)
+    num_labels = z.shape[1]
+    if problem_type is None:
+        if num_labels == 1:
+            problem_type = "regression"
+        elif not labels.is_floating_point():
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    if problem_type == "single_label_classification":
+        if labels.is_floating_point() or labels.dim() != 1:
+            raise ValueError(f"single-label classification needs integer labels [B], got {labels.dtype} {tuple(labels.shape)}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
+            raise ValueError(f"labels must be class ids in [0, {num_labels}), got values from {int(labels.min())} to {int(labels.max())}")
+        return F.cross_entropy(z, labels, reduction="none")
+    target = labels.to(acc).reshape(z.shape[0], -1)
+    if target.shape != z.shape:
+        raise ValueError(f"{problem_type} needs labels of shape {tuple(z.shape)} (or [B] for one label), got {tuple(labels.shape)}")
+    if problem_type == "regression":
+        return (z - target).square().mean(1)
+    if problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(z, target, reduction="none").mean(1)
+    raise ValueError(f"unknown problem_type {problem_type!r}")
+
+
+# --------------------------------------------------------------------------- what a model is
+
+
+def _model_task(model: nn.Module) -> str | None:
+    """``"causal_lm"``, ``"sequence_classification"`` or ``None`` for the ``transformers`` model under wrappers."""
+    name = type(_hf_model(model)).__name__
+    try:
+        from transformers.models.auto import modeling_auto as auto
+    except ImportError:  # pragma: no cover - layout of an unusual transformers version
+        auto = None
+
+    def listed(mapping_name: str) -> bool:
+        mapping = getattr(auto, mapping_name, {}) if auto is not None else {}
+        values = [v for vs in mapping.values() for v in ((vs,) if isinstance(vs, str) else vs)]
+        return name in values
+
+    if listed("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES") or name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal_lm"
+    if listed("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES") or name.endswith("ForSequenceClassification"):
+        return "sequence_classification"
+    return None
+
+
+def _consolidation_kwargs(model: nn.Module, task: str | None, need: str) -> dict:
+    """``forward`` (and ``loss_fn``) that make ``consolidate`` read ``need`` ("loss" or "outputs") on ``model``."""
+    if task == "causal_lm":
+        if need == "loss":
+            return {"forward": causal_lm_forward, "loss_fn": causal_lm_per_sequence_loss}
+        return {"forward": _causal_lm_mas_forward}
+    if task == "sequence_classification":
+        if need == "loss":
+            problem_type = getattr(getattr(_hf_model(model), "config", None), "problem_type", None)
+            return {"forward": sequence_classification_forward,
+                    "loss_fn": functools.partial(sequence_classification_per_sample_loss, problem_type=problem_type)}
+        return {"forward": sequence_classification_forward}
+    raise TypeError(f"ContinualTrainer cannot consolidate on {type(_hf_model(model)).__name__}")
+
+
 # --------------------------------------------------------------------------- LwF for causal LMs
 
 
@@ -293,24 +401,25 @@ class CausalLMLwF:
     """
 
     TEACHERS = ("copy", "disable_adapter")
+    consolidation_input = None
 
     def __init__(self, model: nn.Module, strength: float = 1.0, temperature: float = 2.0, *, teacher: str = "copy", chunk_size: int | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        temperature = check_temperature(temperature)
+        strength = check_strength(strength)
         if teacher not in self.TEACHERS:
             raise ValueError(f"teacher must be one of {self.TEACHERS}, got {teacher!r}")
         if teacher == "disable_adapter" and not callable(getattr(unwrap_model(model), "disable_adapter", None)):
             raise TypeError(f'teacher="disable_adapter" needs a PEFT model with disable_adapter(), got {type(unwrap_model(model)).__name__}')
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if chunk_size is not None:
+            chunk_size = check_int(chunk_size, "chunk_size", low=1)
         _check_plain_head(model)
         _head_of(model)
         _decoder_of(model)
         self.model = model
-        self.strength = check_strength(strength)
-        self.temperature = float(temperature)
+        self.strength = strength
+        self.temperature = temperature
         self.teacher_mode = teacher
         self.chunk_size = chunk_size
         self.teacher: nn.Module | None = None
@@ -441,20 +550,47 @@ def _as_regularizers(regularizer) -> list:
     return items
 
 
+@contextlib.contextmanager
+def _all_or_nothing(objects):
+    """Restore every object's attributes if the block raises (strategies replace their state, never mutate it)."""
+    saved = [(obj, dict(vars(obj))) for obj in objects]
+    try:
+        yield
+    except BaseException:
+        for obj, attributes in saved:
+            vars(obj).clear()
+            vars(obj).update(attributes)
+        raise
+
+
 class ContinualTrainerMixin:
     """Adds fastcl penalties to ``compute_loss`` of any ``transformers.Trainer`` subclass.
 
     ``class MyTrainer(ContinualTrainerMixin, SomeTrainer): ...`` — the mixin must come
     first. Keyword arguments ``regularizer`` (one fastcl regularizer or a list) and ``lwf``
     (a :class:`CausalLMLwF`) are taken; everything else goes to the ``Trainer``.
-    An :class:`~fastcl.SI` regularizer is attached to the optimizer the trainer creates.
+    Regularizers that need the optimizer (SI) are attached to the one the trainer creates.
     Logged training metrics gain ``cl_penalty`` (mean total penalty per micro-batch).
+
+    Models: causal LMs (``*ForCausalLM``) and sequence classifiers
+    (``*ForSequenceClassification``, per-sample loss from ``labels``) can consolidate
+    every regularizer; other models only those that need no data (SI, L2-SP, L1-SP).
     """
 
     def __init__(self, *args, regularizer=None, lwf: CausalLMLwF | None = None, **kwargs):
         self.regularizers = _as_regularizers(regularizer)
         if lwf is not None and not isinstance(lwf, CausalLMLwF):
             raise TypeError(f"lwf must be a fastcl.integrations.hf.CausalLMLwF, got {type(lwf).__name__}")
+        model = kwargs.get("model", args[0] if args else None)
+        self._task = _model_task(model) if isinstance(model, nn.Module) else None
+        needy = [type(r).__name__ for r in self.regularizers if getattr(r, "consolidation_input", None) is not None]
+        if needy and self._task is None:
+            got = type(_hf_model(model)).__name__ if isinstance(model, nn.Module) else type(model).__name__
+            raise TypeError(
+                f"ContinualTrainer consolidates {', '.join(needy)} on causal language models (*ForCausalLM) and sequence "
+                f"classifiers (*ForSequenceClassification), got {got}; consolidate them yourself with "
+                "reg.consolidate(loader, forward=..., loss_fn=...) or use regularizers that need no data (SI, L2SP, L1SP)"
+            )
         self.lwf = lwf
         self._attached: set[int] = set()
         self._penalty_sum: torch.Tensor | float = 0.0
@@ -464,14 +600,26 @@ class ContinualTrainerMixin:
     # -------------------------------------------------------------- optimizer
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
-        for reg in self.regularizers:
-            attach = getattr(reg, "attach", None)  # SI tracks the path integral through optimizer hooks
-            if callable(attach) and id(optimizer) not in self._attached:
-                attach(optimizer)
-        self._attached.add(id(optimizer))
+        if id(optimizer) not in self._attached:
+            for reg in self.regularizers:
+                if getattr(reg, "requires_optimizer", False):  # SI integrates the path in the step hooks
+                    reg.attach(optimizer)
+            self._attached.add(id(optimizer))
         return optimizer
 
     # -------------------------------------------------------------- loss
+    def _check_lwf_ready(self) -> None:
+        if self.lwf is not None and not self.lwf.consolidated:
+            raise RuntimeError(
+                "lwf has no teacher yet, so training would add no distillation: call lwf.consolidate() before training "
+                "(the current model becomes the teacher; trainer.consolidate() at the end of the previous task does it), "
+                "or pass lwf=None for a task without distillation"
+            )
+
+    def train(self, *args, **kwargs):
+        self._check_lwf_ready()
+        return super().train(*args, **kwargs)
+
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """Whether ``Trainer.training_step`` uses our loss as is (True) or divides it by the accumulation steps."""
         flag = getattr(self, "loss_is_scaled_for_ga", None)
@@ -489,6 +637,8 @@ class ContinualTrainerMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         training = model.training
+        if training:
+            self._check_lwf_ready()
         use_lwf = training and self.lwf is not None and self.lwf.active
         teacher = self.lwf.teacher_outputs(inputs) if use_lwf else None  # before the student: the teacher may be the same model
         if num_items_in_batch is not None:
@@ -503,7 +653,7 @@ class ContinualTrainerMixin:
         dtype = torch.promote_types(loss.dtype, torch.float32)
         penalty = torch.zeros((), dtype=dtype, device=loss.device)
         with _no_autocast(loss.device):
-            for reg in self.regularizers:
+            for reg in self.regularizers:  # an attached regularizer's value has no graph: its hook adds the gradient
                 penalty = penalty + reg.penalty().to(device=loss.device, dtype=dtype)
             if use_lwf:
                 if captured.hidden is None:
@@ -521,46 +671,51 @@ class ContinualTrainerMixin:
         return super().log(logs, *args, **kwargs)
 
     # -------------------------------------------------------------- end of a task
-    def consolidate(self, dataset=None, max_samples: int | None = None, verbose: bool | None = None) -> None:
-        """End of a task: consolidate every regularizer and the LwF teacher.
+    def consolidate(self, dataset=None, *, max_samples: int | None = None, verbose: bool | None = None) -> None:
+        """End of a task: consolidate every regularizer and the LwF teacher, all or nothing.
 
-        EWC uses the per-sequence Fisher (:func:`causal_lm_forward`,
-        :func:`causal_lm_per_sequence_loss`) and MAS the logits of the unpadded positions,
-        over ``dataset`` (default: the training set) batched by :meth:`get_eval_dataloader`
-        (eval batch size, the trainer's collator, no shuffling). SI, L2-SP and L1-SP need no data.
+        Regularizers that read data (``consolidation_input``: EWC, MAS) run over ``dataset``
+        (default: the training set) batched by :meth:`get_eval_dataloader` (eval batch
+        size, the trainer's collator, no shuffling): causal LMs with the per-sequence loss
+        (:func:`causal_lm_forward`, :func:`causal_lm_per_sequence_loss`) or the logits of
+        the unpadded positions, sequence classifiers with the per-sample loss of
+        ``labels`` (:func:`sequence_classification_per_sample_loss`) or the logits. SI,
+        L2-SP, L1-SP and the teacher need no data. If one raises, none changes.
         """
         loader = None
-        if any(isinstance(reg, (EWC, MAS)) for reg in self.regularizers):
+        if any(getattr(reg, "consolidation_input", None) is not None for reg in self.regularizers):
             data = dataset if dataset is not None else self.train_dataset
             if data is None:
                 raise ValueError("consolidate needs a dataset: pass one or give the trainer a train_dataset")
             loader = self.get_eval_dataloader(data)
-        for reg in self.regularizers:
-            if isinstance(reg, EWC):
-                if reg.fisher_kind != "empirical":
-                    raise ValueError(f'causal-LM consolidation supports EWC(fisher="empirical") only, got {reg.fisher_kind!r}')
-                reg.consolidate(loader, loss_fn=causal_lm_per_sequence_loss, max_samples=max_samples, forward=causal_lm_forward, verbose=verbose)
-            elif isinstance(reg, MAS):
-                reg.consolidate(loader, max_samples=max_samples, forward=_causal_lm_mas_forward, verbose=verbose)
-            else:
-                reg.consolidate()
-        if self.lwf is not None:
-            self.lwf.consolidate()
+        everything = self.regularizers + ([self.lwf] if self.lwf is not None else [])
+        with _all_or_nothing(everything):
+            for reg in self.regularizers:
+                need = getattr(reg, "consolidation_input", None)
+                if need is None:
+                    reg.consolidate()
+                else:
+                    options = _consolidation_kwargs(self.model, self._task, need)
+                    reg.consolidate(loader, max_samples=max_samples, verbose=verbose, **options)
+            if self.lwf is not None:
+                self.lwf.consolidate()
 
 
 class ContinualTrainer(ContinualTrainerMixin, Trainer):
     """``transformers.Trainer`` whose training loss includes fastcl penalties.
 
-    Usage::
+    Usage (one EWC and one LwF object for all tasks; consolidate after each)::
 
         ewc = fastcl.EWC(model, strength=1e3)
         lwf = CausalLMLwF(model, strength=1.0, temperature=2.0)
-        trainer = ContinualTrainer(model=model, args=args, train_dataset=task_a, regularizer=ewc, lwf=lwf)
+        trainer = ContinualTrainer(model=model, args=args, train_dataset=task_a, regularizer=ewc)
         trainer.train()
-        trainer.consolidate()                              # Fisher on task A + teacher snapshot
+        trainer.consolidate()                              # Fisher on task A
+        lwf.consolidate()                                  # teacher = the model after task A
         ContinualTrainer(model=model, args=args, train_dataset=task_b, regularizer=ewc, lwf=lwf).train()
 
-    (A fresh trainer per task gets a fresh optimizer and learning-rate schedule.)
+    (A fresh trainer per task gets a fresh optimizer and learning-rate schedule.) Training
+    with an ``lwf`` that has no teacher raises.
 
     See :class:`ContinualTrainerMixin` and the module docstring for gradient accumulation
     and mixed precision.

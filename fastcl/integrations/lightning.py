@@ -9,7 +9,8 @@ r"""Continual learning inside PyTorch Lightning: one callback, no change to the 
   clipping — the callback calls ``regularizer.add_penalty_grad_()``, the fused pass
   ``p.grad += ∂penalty/∂θ``. A weight penalty is constant within a step, so it enters
   each step's gradient with weight exactly 1 whatever ``accumulate_grad_batches``.
-  SI is attached to the fit's optimizer (and the AMP scaler) for its path integral.
+  SI is attached to the fit's optimizer for its path integral (its hook adds SI's
+  gradient at the step; its ``add_penalty_grad_()`` then only returns the value).
 * **LwF**: a forward hook on ``lwf.model`` sees every training forward of the student
   network with its inputs; the teacher (a frozen copy taken at the previous
   consolidation) runs on the same inputs, and the distillation gradient
@@ -139,12 +140,11 @@ class ContinualCallback(pl.Callback):
         if len(optimizers) > 1 and self.regularizers:
             raise NotImplementedError("ContinualCallback supports one optimizer per fit (the penalty is added once per step)")
         self._trainer = trainer
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
         for r in self.regularizers:
             if isinstance(r, SI):
                 r.detach()
                 if optimizers:
-                    r.attach(optimizers[0], scaler=scaler)
+                    r.attach(optimizers[0])  # the step hook sees gradients GradScaler already unscaled
         if self.lwf is not None and self._hook is None:
             self._hook = self.lwf.model.register_forward_hook(self._distill_hook, with_kwargs=True)
 

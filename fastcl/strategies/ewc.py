@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .._validate import check_int
 from ..importance import diagonal_fisher
 from .importance_penalty import ImportanceRegularizer
 
@@ -51,25 +52,42 @@ class EWC(ImportanceRegularizer):
         super().__init__(model, strength, mode=mode, decay=decay, storage_dtype=storage_dtype)
         if fisher not in FISHER_KINDS:
             raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
+        if top_k is not None:
+            if fisher != "exact":
+                raise ValueError(f'top_k applies to fisher="exact" only, got fisher={fisher!r}')
+            top_k = check_int(top_k, "top_k", low=1)
         self.fisher_kind = fisher
         self.top_k = top_k
 
-    def consolidate(self, data, loss_fn=None, max_samples=None, *, forward=None, verbose=None) -> None:
+    @property
+    def consolidation_input(self) -> str:
+        """``"loss"`` for the empirical Fisher (per-sample losses of the targets), else ``"outputs"`` (logits only)."""
+        return "loss" if self.fisher_kind == "empirical" else "outputs"
+
+    def consolidate(self, data, *, loss_fn=None, max_samples=None, forward=None, verbose=None, **fisher_options) -> None:
         """Compute the Fisher over ``data`` (iterable of ``(inputs, targets)`` batches) and fold it in.
 
         ``loss_fn(outputs, targets)`` must return per-sample losses (default: cross-entropy
-        on logits). On any error (empty data, non-finite loss or Fisher) nothing changes.
+        on logits). ``max_samples``, ``forward``, ``verbose`` and any other keyword go to
+        :func:`fastcl.diagonal_fisher`. On any error (empty data, non-finite loss or
+        Fisher) nothing changes.
         """
-        kwargs = {"forward": forward, "verbose": verbose}
         if self.top_k is not None:
-            kwargs["top_k"] = self.top_k
-        fisher = diagonal_fisher(self.model, data, loss_fn=loss_fn, kind=self.fisher_kind, max_samples=max_samples, **kwargs)
-        self._merge(fisher)
+            fisher_options.setdefault("top_k", self.top_k)
+        fisher = diagonal_fisher(self.model, data, loss_fn=loss_fn, kind=self.fisher_kind, max_samples=max_samples,
+                                 forward=forward, verbose=verbose, **fisher_options)
+        self.fold(fisher)
 
     @property
     def fisher(self) -> dict[str, torch.Tensor]:
         """``{name: F}``: the consolidated importance (``A = ΣF_t`` in separate mode, ``F̃`` online)."""
         return self.importance
 
-    def _extra_state(self) -> dict:
-        return {**super()._extra_state(), "fisher": self.fisher_kind}
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "fisher": self.fisher_kind}
+
+    def _parse_state(self, state) -> dict:
+        new = super()._parse_state(state)
+        if state.get("fisher", self.fisher_kind) not in FISHER_KINDS:  # informative only: this EWC keeps its own kind
+            raise ValueError(f"state_dict['fisher'] must be one of {FISHER_KINDS}, got {state.get('fisher')!r}")
+        return new

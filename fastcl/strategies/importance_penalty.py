@@ -21,11 +21,14 @@ and differs only in where ``w`` comes from. Two ways to combine tasks t = 1..T:
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from .._names import named_parameters
+from .._validate import check_real
 from ..distributed import all_reduce_sum, local_tensor, shard_groups, shard_like
-from .base import AnchoredRegularizer
+from .base import AnchoredRegularizer, agree, value_problem
 
 __all__ = ["ImportanceRegularizer", "MODES"]
 
@@ -42,18 +45,18 @@ class ImportanceRegularizer(AnchoredRegularizer):
         super().__init__(model, strength, storage_dtype=storage_dtype)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0.0 <= decay <= 1.0):
-            raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
-        if mode == "separate" and decay != 1.0:
-            raise ValueError("decay applies to mode='online' only; separate mode keeps every task at full weight")
         self.mode = mode
-        self.decay = float(decay)
+        self.decay = _check_decay(decay, mode)
 
-    def _merge(self, new_importance: dict[str, torch.Tensor]) -> None:
+    def fold(self, importance: Mapping[str, torch.Tensor]) -> None:
         """Fold one task's importance (``{name: tensor}``) and the current θ into the state.
 
-        All new tensors are computed first and checked; only then is the state replaced,
-        so an error leaves the regularizer exactly as it was.
+        ``importance`` maps canonical parameter names (as :meth:`state_dict` uses them) to
+        non-negative finite tensors of the parameters' shapes; parameters it does not name
+        keep their state (separate mode) or only decay (online mode). This is what
+        ``consolidate`` does after computing the importance, for importance computed
+        elsewhere. All new tensors are computed first and checked; only then is the state
+        replaced, so an error leaves the regularizer exactly as it was.
 
         FSDP2 (DTensor parameters): everything is computed on this rank's shards (the new
         importance may be a DTensor or a full tensor, see :func:`fastcl.distributed.shard_like`);
@@ -61,38 +64,43 @@ class ImportanceRegularizer(AnchoredRegularizer):
         the constant is global and identical everywhere. The finiteness/sign checks are
         agreed on by all ranks (one raises, all raise).
         """
+        if not isinstance(importance, Mapping):
+            raise TypeError(f"importance must be a mapping {{parameter name: tensor}}, got {type(importance).__name__}")
+        if not importance:
+            raise ValueError("importance is empty: no parameter to fold in (were all parameters frozen?)")
         params = named_parameters(self.model)
         shards: dict[str, torch.Tensor] = {}  # this rank's part of each new importance
         sharded_groups: dict[tuple, tuple] = {}  # {group ids: groups} of the DTensor parameters
         problem = None
-        for name, f in new_importance.items():
+        for name, f in importance.items():
             p = params.get(name)
             if p is None:
                 raise ValueError(f"importance given for {name!r}, which is not a parameter of the model")
+            if not isinstance(f, torch.Tensor) or not f.is_floating_point():
+                got = f"a {f.dtype} tensor" if isinstance(f, torch.Tensor) else type(f).__name__
+                raise TypeError(f"importance[{name!r}] must be a floating-point tensor, got {got}")
             if tuple(f.shape) != tuple(p.shape):
                 raise ValueError(f"importance for {name!r} has shape {tuple(f.shape)}, parameter has {tuple(p.shape)}")
+            if name in self._anchors and tuple(self._anchors[name].shape) != tuple(p.shape):
+                raise ValueError(
+                    f"parameter {name!r} now has shape {tuple(p.shape)} but was consolidated with "
+                    f"{tuple(self._anchors[name].shape)}; state left unchanged"
+                )
             groups = shard_groups(p)
             if groups:
                 sharded_groups.setdefault(tuple(id(g) for g in groups), groups)
             with torch.no_grad():
                 shards[name] = local = shard_like(f.detach(), p)
-            if problem is None and not torch.isfinite(local).all():
-                problem = f"importance for {name!r} is not finite; state left unchanged"
-            if problem is None and (local < 0).any():
-                problem = f"importance for {name!r} has negative entries; state left unchanged"
-        for groups in sharded_groups.values():  # one rank's bad shard must stop every rank
-            if all_reduce_sum(int(problem is not None), groups) and problem is None:
-                problem = "importance is not finite or has negative entries on another rank; state left unchanged"
-        if problem is not None:
-            raise ValueError(problem)
+            problem = problem or value_problem(local, f"importance for {name!r}", nonnegative=True)
+        agree(problem, sharded_groups.values())
         missing = [n for n in self._anchors if n not in params]
         if missing:
             raise ValueError(f"consolidated parameters missing from the model: {missing}")
 
-        anchors, importance = dict(self._anchors), dict(self._importance)
+        anchors, stored = dict(self._anchors), dict(self._importance)
         constant = self._constant
         sharded_delta: dict[tuple, list] = {}  # per shard groups: Σ over this rank's shards of the C increments
-        names = list(self._anchors) + [n for n in new_importance if n not in self._anchors]
+        names = list(self._anchors) + [n for n in shards if n not in self._anchors]
         for name in names:
             p = params[name]
             acc = torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -101,20 +109,20 @@ class ImportanceRegularizer(AnchoredRegularizer):
             f_new = shards.get(name)
             f_new = None if f_new is None else f_new.to(device=theta.device, dtype=acc)
             if self.mode == "online":
-                old = importance.get(name)
+                old = stored.get(name)
                 f = f_new if old is None else self.decay * local_tensor(old).to(acc) + (0 if f_new is None else f_new)
                 if f is None:
                     continue
-                importance[name] = self._store(p, f)
+                stored[name] = self._store(p, f)
                 anchors[name] = self._store(p, theta)
                 continue
             if f_new is None:  # parameter frozen for this task: F_t = 0 leaves A, m, C unchanged
                 continue
             if name not in anchors:
-                importance[name] = self._store(p, f_new)
+                stored[name] = self._store(p, f_new)
                 anchors[name] = self._store(p, theta)
                 continue
-            a_old = local_tensor(importance[name]).to(acc)
+            a_old = local_tensor(stored[name]).to(acc)
             m_old = local_tensor(anchors[name]).to(acc)
             a_new = a_old + f_new
             safe = torch.where(a_new > 0, a_new, torch.ones_like(a_new))
@@ -125,16 +133,31 @@ class ImportanceRegularizer(AnchoredRegularizer):
                 sharded_delta.setdefault(tuple(id(g) for g in groups), [groups, torch.zeros_like(delta_c)])[1] += delta_c
             else:
                 constant += 0.5 * float(delta_c)  # φ = d²/2, so C enters as C/2
-            importance[name] = self._store(p, a_new)
+            stored[name] = self._store(p, a_new)
             anchors[name] = self._store(p, m_new)
         for groups, delta_c in sharded_delta.values():  # one all-reduce per mesh, same order on every rank
             constant += 0.5 * float(all_reduce_sum(delta_c, groups))
-        self._commit(anchors, importance, constant if self.mode == "separate" else 0.0)
+        problem = None  # storage in float32/bfloat16 may overflow what float64 held
+        for name in names:
+            if stored.get(name) is not self._importance.get(name):
+                problem = problem or value_problem(stored[name], f"importance for {name!r} in storage dtype {self.storage_dtype}")
+                problem = problem or value_problem(anchors[name], f"anchor for {name!r} in storage dtype {self.storage_dtype}")
+        agree(problem, sharded_groups.values())
+        self._commit(anchors, stored, constant if self.mode == "separate" else 0.0)
 
-    def _extra_state(self) -> dict:
-        return {"mode": self.mode, "decay": self.decay}
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "mode": self.mode, "decay": self.decay}
 
-    def _load_extra_state(self, state) -> None:
-        if "mode" in state and state["mode"] != self.mode:
+    def _parse_state(self, state) -> dict:
+        new = super()._parse_state(state)
+        if state.get("mode", self.mode) != self.mode:
             raise ValueError(f"state_dict was saved in mode={state['mode']!r}, this {type(self).__name__} uses mode={self.mode!r}")
-        self.decay = float(state.get("decay", self.decay))
+        new["decay"] = _check_decay(state.get("decay", self.decay), self.mode, "state_dict['decay']")
+        return new
+
+
+def _check_decay(decay, mode: str, name: str = "decay") -> float:
+    decay = check_real(decay, name, low=0.0, high=1.0)
+    if mode == "separate" and decay != 1.0:
+        raise ValueError(f"{name}={decay!r}: decay applies to mode='online' only; separate mode keeps every task at full weight")
+    return decay

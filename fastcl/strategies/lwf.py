@@ -11,16 +11,69 @@ computed by :func:`fastcl.distillation_loss` (fused forward + backward).
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from .._names import unwrap_model
+from .._validate import check_int, check_real, is_real_scalar
 from ..ops import distillation_loss
 from .base import check_strength
 
-__all__ = ["LwF", "frozen_copy"]
+__all__ = ["LwF", "check_temperature", "class_index", "frozen_copy"]
+
+
+def check_temperature(value: Any, name: str = "temperature") -> float:
+    """``value`` as a float ``> 0`` (finite in float32)."""
+    return check_real(value, name, low=0.0, low_inclusive=False)
+
+
+def class_index(old_classes: Any, num_student: int, num_teacher: int, device: torch.device) -> slice | torch.Tensor:
+    """The columns ``old_classes`` selects in both the student's and the teacher's logits.
+
+    ``int k``: the first ``k`` classes (``0 .. k-1``); a slice; a sequence or 1-D integer
+    tensor of distinct class ids; or a 1-D bool mask over the teacher's classes. Every
+    selected id must exist in both outputs; an empty selection is refused.
+    """
+    limit = min(num_student, num_teacher)
+    what = f"the student has {num_student} classes and the teacher {num_teacher}"
+    if is_real_scalar(old_classes) or isinstance(old_classes, numbers.Number):
+        k = check_int(old_classes, "old_classes", low=1)
+        if k > limit:
+            raise ValueError(f"old_classes={k} (the first {k} classes) exceeds the classes available: {what}")
+        return slice(0, k)
+    if isinstance(old_classes, slice):
+        chosen = range(limit)[old_classes]
+        if len(chosen) == 0:
+            raise ValueError(f"old_classes={old_classes} selects no class ({what})")
+        if old_classes.stop is not None and old_classes.stop > limit:
+            raise ValueError(f"old_classes={old_classes} reaches past the classes available: {what}")
+        start, stop, step = old_classes.indices(limit)  # negative bounds refer to the classes both outputs have
+        return slice(start, stop, step) if step > 0 else torch.tensor(list(chosen), dtype=torch.long, device=device)
+    if isinstance(old_classes, torch.Tensor):
+        index = old_classes.detach()
+    elif isinstance(old_classes, Sequence) and not isinstance(old_classes, (str, bytes)):
+        index = torch.tensor([check_int(v, f"old_classes[{i}]") for i, v in enumerate(old_classes)], dtype=torch.long)
+    else:
+        raise TypeError(f"old_classes must be an int, a slice, a sequence or tensor of class ids, or a bool mask; got {type(old_classes).__name__}")
+    if index.dim() != 1:
+        raise ValueError(f"old_classes must be 1-D, got shape {tuple(index.shape)}")
+    if index.dtype == torch.bool:
+        if index.numel() != num_teacher:
+            raise ValueError(f"old_classes as a bool mask must have one entry per teacher class ({num_teacher}), got {index.numel()}")
+        index = index.nonzero().flatten()
+    elif index.is_floating_point() or index.is_complex():
+        raise TypeError(f"old_classes must hold integer class ids, got dtype {index.dtype}")
+    if index.numel() == 0:
+        raise ValueError("old_classes selects no class; pass None to distill over every class")
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= limit:
+        raise ValueError(f"old_classes must be class ids in [0, {limit}) ({what}), got ids from {lo} to {hi}")
+    if torch.unique(index).numel() != index.numel():
+        raise ValueError("old_classes has repeated class ids (each would count twice in the softmax)")
+    return index.to(device=device, dtype=torch.long)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -45,14 +98,14 @@ class LwF:
             lwf.consolidate()
     """
 
+    consolidation_input = None
+
     def __init__(self, model: torch.nn.Module, strength: float = 1.0, temperature: float = 2.0):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         self.model = model
         self.strength = check_strength(strength)
-        self.temperature = float(temperature)
+        self.temperature = check_temperature(temperature)
         self.teacher: torch.nn.Module | None = None
         self.num_consolidations = 0
 
@@ -72,21 +125,34 @@ class LwF:
             raise RuntimeError("LwF has no teacher yet: call consolidate() after the first task")
         return self.teacher(*inputs) if isinstance(inputs, (tuple, list)) else self.teacher(inputs)
 
-    def penalty(self, inputs, student_logits: torch.Tensor, old_classes: Sequence[int] | torch.Tensor | slice | None = None) -> torch.Tensor:
+    def penalty(self, inputs, student_logits: torch.Tensor, old_classes: int | Sequence[int] | torch.Tensor | slice | None = None) -> torch.Tensor:
         """``λ · distillation_loss(student[..., old], teacher[..., old], T)``; exactly 0 before consolidation.
 
-        ``old_classes``: indices (list / 1-D long tensor), a bool mask over the last dim,
-        or a slice selecting the teacher's classes; ``None`` uses every column.
+        ``old_classes`` selects the teacher's classes in the last dimension: an int ``k``
+        (the first ``k`` classes), a slice, class ids (list or 1-D integer tensor, distinct)
+        or a bool mask over the teacher's classes; ``None`` uses every column (then the
+        student and teacher outputs must have the same shape).
         """
+        if not isinstance(student_logits, torch.Tensor) or not student_logits.is_floating_point() or student_logits.dim() == 0:
+            got = f"a {student_logits.dtype} tensor of shape {tuple(student_logits.shape)}" if isinstance(student_logits, torch.Tensor) else type(student_logits).__name__
+            raise TypeError(f"student_logits must be a floating-point tensor [..., classes], got {got}")
         if self.teacher is None or self.strength == 0.0:
             return torch.zeros((), dtype=torch.float32, device=student_logits.device)
         teacher = self.teacher_logits(inputs)
-        if teacher.shape != student_logits.shape and old_classes is None:
+        if not isinstance(teacher, torch.Tensor):
+            raise TypeError(f"the teacher returned {type(teacher).__name__}; LwF needs a model whose output is the logits tensor")
+        if teacher.shape[:-1] != student_logits.shape[:-1]:
             raise ValueError(
-                f"teacher logits {tuple(teacher.shape)} and student logits {tuple(student_logits.shape)} differ; pass old_classes"
+                f"teacher logits {tuple(teacher.shape)} and student logits {tuple(student_logits.shape)} differ "
+                "in their leading (sample) dimensions; were they computed from the same inputs?"
             )
-        if old_classes is not None:
-            index = old_classes if isinstance(old_classes, slice) else torch.as_tensor(old_classes, device=student_logits.device)
+        if old_classes is None:
+            if teacher.shape != student_logits.shape:
+                raise ValueError(
+                    f"teacher logits {tuple(teacher.shape)} and student logits {tuple(student_logits.shape)} differ; pass old_classes"
+                )
+        else:
+            index = class_index(old_classes, student_logits.shape[-1], teacher.shape[-1], student_logits.device)
             student_logits = student_logits[..., index]
             teacher = teacher[..., index]
         return self.strength * distillation_loss(student_logits, teacher, self.temperature)
@@ -101,25 +167,44 @@ class LwF:
         }
 
     def load_state_dict(self, state) -> None:
-        """Restore; the teacher is rebuilt as a copy of the current model with the saved weights."""
+        """Restore; the teacher is rebuilt as a copy of the current model with the saved weights.
+
+        Everything is validated first (keys, hyperparameters, the teacher's names, shapes
+        and finite values); a refused state raises and changes nothing.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state_dict must be a mapping as returned by state_dict(), got {type(state).__name__}")
         if state.get("type") not in (None, "LwF"):
             raise ValueError(f"state_dict is for {state.get('type')}, not LwF")
+        missing = [k for k in ("strength", "temperature") if k not in state]
+        if missing:
+            raise ValueError(f"state_dict is missing {missing}; expected the keys of LwF.state_dict()")
+        strength = check_strength(state["strength"], "state_dict['strength']")
+        temperature = check_temperature(state["temperature"], "state_dict['temperature']")
+        saved = state.get("teacher")
         teacher = None
-        if state.get("teacher") is not None:
+        if saved is not None:
+            if not isinstance(saved, Mapping):
+                raise TypeError(f"state_dict['teacher'] must be None or a model state_dict, got {type(saved).__name__}")
             teacher = copy.deepcopy(unwrap_model(self.model))
             own = teacher.state_dict()
-            for name, value in state["teacher"].items():
+            absent = sorted(set(own) - set(saved))
+            if absent:
+                raise ValueError(f"state_dict['teacher'] lacks {absent[:5]} of the model")
+            for name, value in saved.items():
                 if name not in own:
                     raise ValueError(f"teacher state has {name!r}, which the model does not have")
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"teacher {name!r} must be a tensor, got {type(value).__name__}")
                 if tuple(own[name].shape) != tuple(value.shape):
                     raise ValueError(f"teacher {name!r}: saved shape {tuple(value.shape)} does not match the model's {tuple(own[name].shape)}")
-            teacher.load_state_dict(state["teacher"])
+                if value.is_floating_point() and not torch.isfinite(value).all():
+                    raise ValueError(f"teacher {name!r} is not finite (NaN or inf); state left unchanged")
+            teacher.load_state_dict(saved)
             teacher.eval()
             teacher.requires_grad_(False)
-        self.strength = check_strength(state["strength"])
-        self.temperature = float(state["temperature"])
-        self.teacher = teacher
-        self.num_consolidations = int(state.get("num_consolidations", 0 if teacher is None else 1))
+        num = check_int(state.get("num_consolidations", 0 if teacher is None else 1), "state_dict['num_consolidations']", low=0)
+        self.strength, self.temperature, self.teacher, self.num_consolidations = strength, temperature, teacher, num
 
     def __repr__(self) -> str:
         return f"LwF(strength={self.strength}, temperature={self.temperature}, consolidated={self.consolidated})"

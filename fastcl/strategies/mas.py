@@ -19,9 +19,15 @@ __all__ = ["MAS"]
 class MAS(ImportanceRegularizer):
     """MAS penalty ``(λ/2)·Σ Ω(θ − θ*)²`` with ``Ω`` from :func:`fastcl.importance.mas_importance`."""
 
+    consolidation_input = "outputs"
+
     def __init__(self, model, strength, decay=1.0, *, storage_dtype=torch.float32):
         super().__init__(model, strength, mode="online", decay=decay, storage_dtype=storage_dtype)
 
-    def consolidate(self, data, max_samples=None, *, forward=None, verbose=None) -> None:
-        """Estimate Ω over ``data`` (batches of inputs or ``(inputs, targets)``) and fold it in."""
-        self._merge(mas_importance(self.model, data, max_samples=max_samples, forward=forward, verbose=verbose))
+    def consolidate(self, data, *, max_samples=None, forward=None, verbose=None, **options) -> None:
+        """Estimate Ω over ``data`` (batches of inputs or ``(inputs, targets)``) and fold it in.
+
+        ``max_samples``, ``forward``, ``verbose`` and any other keyword go to
+        :func:`fastcl.importance.mas_importance`. On any error nothing changes.
+        """
+        self.fold(mas_importance(self.model, data, max_samples=max_samples, forward=forward, verbose=verbose, **options))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import AnchoredRegularizer
+from ..distributed import shard_groups
+from .base import AnchoredRegularizer, agree, value_problem
 
 __all__ = ["L2SP", "L1SP"]
 
@@ -23,7 +24,17 @@ class _StartingPoint(AnchoredRegularizer):
 
     def consolidate(self, data=None) -> None:
         """Anchor to the current trainable parameters. ``data`` is ignored (uniform training loops)."""
-        anchors = {name: self._store(p, p) for name, p in self._trainable().items()}
+        trainable = self._trainable()
+        if not trainable:
+            raise ValueError(f"{type(self).__name__}: the model has no trainable parameter to anchor")
+        anchors = {name: self._store(p, p) for name, p in trainable.items()}
+        problem, groups = None, {}
+        for name, a in anchors.items():
+            problem = problem or value_problem(a, f"parameter {name!r} (in storage dtype {a.dtype})")
+            g = shard_groups(a)
+            if g:
+                groups.setdefault(tuple(id(x) for x in g), g)
+        agree(problem, groups.values())
         self._commit(anchors, {}, 0.0)
 
 

@@ -9,19 +9,26 @@ At the end of the task (:meth:`SI.consolidate`)::
 
     Ω_k ← Ω_k + relu( ω_k / ((θ_k^end − θ_k^start)² + ξ) ),   θ* ← θ^end,   ω ← 0
 
-and later tasks pay ``(λ/2)·Σ Ω(θ − θ*)²`` (the paper's c equals this λ/2). The
-unregularized gradient is recovered exactly: when the penalty's gradient entered
-``.grad`` (through :meth:`penalty` in the loss, with whatever coefficient, or
-:meth:`add_penalty_grad_`), SI subtracts it before accumulating.
+and later tasks pay ``(λ/2)·Σ Ω(θ − θ*)²`` (the paper's c equals this λ/2).
+
+SI works through :meth:`~fastcl.strategies.base.AnchoredRegularizer.attach`: in the
+optimizer's step pre-hook it records ``g`` from ``.grad`` *before* any attached penalty
+gradient is added (its own included), then adds its penalty gradient; the post-hook
+integrates ``g · Δθ``. So ``g`` is exactly this step's task gradient, unscaled by
+``GradScaler`` (which unscales before the step and skips the hooks with the step), with no
+bookkeeping of penalty coefficients that a skipped step or discarded gradients could
+leave stale. ``θ^start`` of a parameter is its value before the first step that updated it
+in the task, so parameters added or unfrozen during a task are integrated from then on.
 """
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 
 import torch
 
 from .._names import named_parameters
-from ..ops import penalty as fused_penalty
+from .._validate import check_int, check_real
+from .base import value_problem
 from .importance_penalty import ImportanceRegularizer
 
 __all__ = ["SI"]
@@ -32,143 +39,114 @@ def _accumulation_dtype(p: torch.Tensor) -> torch.dtype:
 
 
 class SI(ImportanceRegularizer):
-    """SI penalty ``(λ/2)·Σ Ω(θ − θ*)²``; call :meth:`attach` with the optimizer once.
+    """SI penalty ``(λ/2)·Σ Ω(θ − θ*)²``; :meth:`attach` it to the optimizer before training.
 
     Usage::
 
-        si = fastcl.SI(model, strength=1.0, damping=0.1)
-        si.attach(optimizer)
+        si = fastcl.SI(model, strength=1.0, damping=0.1).attach(optimizer)
         for task in tasks:
             for x, y in loader:
-                opt.zero_grad(); (F.cross_entropy(model(x), y) + si.penalty()).backward(); opt.step()
+                opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()   # hook adds the penalty gradient
             si.consolidate()
+
+    ``loss + si.penalty()`` in the loop is fine too: while attached the value has no
+    graph, the hook adds the gradient once.
     """
+
+    requires_optimizer = True
 
     def __init__(self, model, strength, damping=0.1, *, storage_dtype=torch.float32):
         super().__init__(model, strength, mode="online", decay=1.0, storage_dtype=storage_dtype)
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping <= 0:
-            raise ValueError(f"damping (ξ) must be a finite number > 0, got {damping!r}")
-        self.damping = float(damping)
-        self._start: dict[str, torch.Tensor] = {}
-        self._omega: dict[str, torch.Tensor] = {}
-        self._track_trainable()
-        self._handles: list = []
-        self._pending = None
-        self._scaler = None
-        self._penalty_grad_autograd = 0.0  # Σ grad_output reaching penalty() outputs (loss-scaled under AMP)
-        self._penalty_grad_direct = 0.0  # Σ coefficients added by add_penalty_grad_() (unscaled)
-
-    def _track_trainable(self) -> None:
-        for name, p in self._trainable().items():
-            if name not in self._omega:
-                acc = _accumulation_dtype(p)
-                self._omega[name] = torch.zeros_like(p, dtype=acc, memory_format=torch.contiguous_format)
-                self._start[name] = p.detach().to(acc).clone()
+        self.damping = check_real(damping, "damping (ξ)", low=0.0, low_inclusive=False)
+        self._omega: dict[str, torch.Tensor] = {}  # ω of every parameter updated since the last consolidation
+        self._start: dict[str, torch.Tensor] = {}  # θ before its first update since then
+        self._steps = 0  # optimizer steps integrated since the last consolidation
+        self._pending: list | None = None
 
     # ---------------------------------------------------------------- optimizer hooks
-    def attach(self, optimizer: torch.optim.Optimizer, scaler=None) -> SI:
-        """Accumulate the path integral on every ``optimizer.step()`` (step pre/post hooks).
+    def _on_step_begin(self, members, grad_scale: float) -> None:
+        pending = []
+        with torch.no_grad():
+            for name, p in named_parameters(self.model).items():
+                if id(p) not in members or not p.requires_grad or p.grad is None:
+                    continue  # no task gradient: g·Δθ = 0 (it may still move under a penalty)
+                acc = _accumulation_dtype(p)
+                grad = p.grad.detach()
+                grad = (grad.to_dense() if grad.is_sparse else grad).to(acc, copy=True)
+                if grad_scale != 1.0:
+                    grad.div_(grad_scale)
+                before = p.detach().to(acc, copy=True)
+                omega = self._omega.get(name)
+                if omega is None or omega.shape != p.shape:  # added, unfrozen or replaced during this task
+                    self._omega[name] = torch.zeros_like(before)
+                    self._start[name] = before
+                pending.append((name, p, before, grad))
+        self._pending = pending
 
-        With fp16 mixed precision pass the ``torch.amp.GradScaler``: the gradient that
-        reaches :meth:`penalty` through ``scaler.scale(loss).backward()`` is multiplied by
-        the loss scale, and SI divides it back out (``scaler.step`` unscales the parameter
-        gradients before the optimizer step). Call :meth:`add_penalty_grad_` only after
-        ``scaler.unscale_(optimizer)``.
-        """
-        if not hasattr(optimizer, "register_step_pre_hook"):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer with step hooks, got {type(optimizer).__name__}")
-        if scaler is not None and not hasattr(scaler, "get_scale"):
-            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-        self._scaler = scaler
-        self._track_trainable()
-        self._handles.append(optimizer.register_step_pre_hook(self._before_step))
-        self._handles.append(optimizer.register_step_post_hook(self._after_step))
-        return self
-
-    def detach(self) -> None:
-        """Remove the optimizer hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def penalty(self) -> torch.Tensor:
-        value = super().penalty()
-        if value.requires_grad:
-            value.register_hook(self._record_penalty_grad)
-        return value
-
-    def _record_penalty_grad(self, grad: torch.Tensor) -> None:
-        self._penalty_grad_autograd += float(grad)
-
-    def _after_grad_added(self, grad_scale: float) -> None:
-        self._penalty_grad_direct += grad_scale
-
-    def _penalty_coefficient(self) -> float:
-        """How many times the penalty's gradient is in ``.grad`` at step time."""
-        autograd = self._penalty_grad_autograd
-        if autograd and self._scaler is not None and self._scaler.is_enabled():
-            autograd /= float(self._scaler.get_scale())
-        return autograd + self._penalty_grad_direct
-
-    def _before_step(self, optimizer, args, kwargs) -> None:
-        params = named_parameters(self.model)
-        names = [n for n in self._omega if n in params and params[n].grad is not None]
-        grads = {n: params[n].grad.detach().clone(memory_format=torch.contiguous_format) for n in names}
-        coefficient = self._penalty_coefficient()
-        if coefficient and self.consolidated:
-            covered = [n for n in names if n in self._anchors]
-            if covered:
-                resolved_names, plist, alist, wlist = self._resolve()
-                index = {n: i for i, n in enumerate(resolved_names)}
-                fused_penalty(
-                    [plist[index[n]] for n in covered],
-                    [alist[index[n]] for n in covered],
-                    [wlist[index[n]] for n in covered],
-                    scale=-self.strength * coefficient,
-                    grads=[grads[n] for n in covered],
-                )
-        self._penalty_grad_autograd = self._penalty_grad_direct = 0.0
-        self._pending = [(n, params[n], params[n].detach().clone(), grads[n]) for n in names]
-
-    def _after_step(self, optimizer, args, kwargs) -> None:
-        for name, p, before, grad in self._pending or ():
-            omega = self._omega[name]
-            omega.sub_(grad.to(omega.dtype) * (p.detach().to(omega.dtype) - before.to(omega.dtype)))
+    def _on_step_end(self) -> None:
+        with torch.no_grad():
+            for name, p, before, grad in self._pending or ():
+                omega = self._omega[name]
+                omega.sub_(grad * (p.detach().to(omega.dtype) - before))
         self._pending = None
+        self._steps += 1
 
     # ---------------------------------------------------------------- consolidation
     def consolidate(self, data=None) -> None:
-        """End of a task: ``Ω += relu(ω / (Δθ² + ξ))``, anchor ← θ, reset ω. ``data`` is ignored."""
+        """End of a task: ``Ω += relu(ω / (Δθ² + ξ))``, anchor ← θ, reset ω. ``data`` is ignored.
+
+        Covers every parameter updated during the task and every trainable one (``Ω``
+        unchanged for those never updated). Raises ``ValueError`` when no optimizer step
+        was integrated since the last consolidation (SI was not attached).
+        """
+        if self._steps == 0:
+            raise ValueError(
+                "SI recorded no optimizer step since the last consolidation, so its importance would be all zero: "
+                "call si.attach(optimizer) before training (SI integrates the path in the optimizer's step hooks)"
+            )
         params = named_parameters(self.model)
         new = {}
-        for name, omega in self._omega.items():
-            p = params.get(name)
-            if p is None:
-                raise ValueError(f"SI tracks {name!r}, which is no longer a parameter of the model")
-            delta = p.detach().to(omega.dtype) - self._start[name]
-            new[name] = torch.relu(omega / (delta.square() + self.damping))
-        self._merge(new)
-        for name in self._omega:
-            self._omega[name].zero_()
-            self._start[name] = params[name].detach().to(self._omega[name].dtype).clone()
-        self._track_trainable()
+        with torch.no_grad():
+            for name, omega in self._omega.items():
+                p = params.get(name)
+                if p is None:
+                    raise ValueError(f"SI tracks {name!r}, which is no longer a parameter of the model")
+                delta = p.detach().to(omega.dtype) - self._start[name]
+                new[name] = torch.relu(omega / (delta.square() + self.damping))
+            for name, p in self._trainable().items():
+                new.setdefault(name, torch.zeros_like(p, dtype=_accumulation_dtype(p)))
+        self.fold(new)
+        self._omega, self._start, self._steps, self._pending = {}, {}, 0, None
 
-    def _extra_state(self) -> dict:
+    # ---------------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
         return {
-            **super()._extra_state(),
+            **super().state_dict(),
             "damping": self.damping,
+            "steps": self._steps,
             "omega": {n: t.clone() for n, t in self._omega.items()},
             "start": {n: t.clone() for n, t in self._start.items()},
         }
 
-    def _load_extra_state(self, state) -> None:
-        super()._load_extra_state(state)
-        self.damping = float(state.get("damping", self.damping))
-        if "omega" in state:
-            params = named_parameters(self.model)
-            for key in ("omega", "start"):
-                for name, t in state[key].items():
-                    if name not in params or tuple(params[name].shape) != tuple(t.shape):
-                        raise ValueError(f"SI state {key}[{name!r}] does not match the model's parameters")
-            self._omega = {n: t.to(device=params[n].device, dtype=_accumulation_dtype(params[n])).clone() for n, t in state["omega"].items()}
-            self._start = {n: t.to(device=params[n].device, dtype=_accumulation_dtype(params[n])).clone() for n, t in state["start"].items()}
+    def _parse_state(self, state) -> dict:
+        new = super()._parse_state(state)
+        new["damping"] = check_real(state.get("damping", self.damping), "state_dict['damping']", low=0.0, low_inclusive=False)
+        omega, start = state.get("omega", {}), state.get("start", {})
+        for key, value in (("omega", omega), ("start", start)):
+            if not isinstance(value, Mapping):
+                raise TypeError(f"state_dict['{key}'] must be a mapping {{name: tensor}}, got {type(value).__name__}")
+        if set(omega) != set(start):
+            raise ValueError(f"state_dict['omega'] and state_dict['start'] cover different parameters: {sorted(set(omega) ^ set(start))[:5]}")
+        params = named_parameters(self.model)
+        loaded = {"omega": {}, "start": {}}
+        for key, saved in (("omega", omega), ("start", start)):
+            for name, t in saved.items():
+                p = self._state_param(params, f"{key}[{name!r}]", name, t)
+                loaded[key][name] = t.detach().to(device=p.device, dtype=_accumulation_dtype(p), copy=True)
+                problem = value_problem(loaded[key][name], f"state_dict {key} {name!r}")
+                if problem:
+                    raise ValueError(problem)
+        default_steps = int(any(bool(t.any()) for t in loaded["omega"].values()))
+        new["_steps"] = check_int(state.get("steps", default_steps), "state_dict['steps']", low=0)
+        new["_omega"], new["_start"], new["_pending"] = loaded["omega"], loaded["start"], None
+        return new

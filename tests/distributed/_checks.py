@@ -23,7 +23,7 @@ def check_importance(results, ref, key):
 
 def check_penalty(results, ref):
     for res in results:
-        for key in ("penalty", "penalty_fast", "penalty_restored", "penalty_from_full"):
+        for key in ("penalty", "penalty_fast", "penalty_attach", "penalty_restored", "penalty_from_full"):
             assert res[key] == pytest.approx(ref["penalty"], rel=1e-9), key
         assert res["penalty"] == pytest.approx(ref["single_process_penalty"], rel=1e-9)
         assert res["l2sp"] == pytest.approx(ref["l2sp"], rel=1e-9)

@@ -5,8 +5,9 @@ The scenario (float64, an MLP 5 → 7 → 3, λ = ``STRENGTH``):
 1. MAS consolidated on task 1 (inputs only) at the initial weights;
 2. EWC (separate mode) consolidated on task 1, weights moved (``move_``), EWC consolidated on
    task 2, weights moved again;
-3. one training step ``ce(model(x_r), y_r) + ewc.penalty()`` (autograd path) and one with
-   ``ce`` then ``ewc.add_penalty_grad_()`` (fast path).
+3. one training step ``ce(model(x_r), y_r) + ewc.penalty()`` (autograd path), one with
+   ``ce`` then ``ewc.add_penalty_grad_()`` (fast path) and one with ``ce`` then
+   ``optimizer.step()`` of an optimizer ``ewc`` is attached to (step pre-hook).
 
 Rank ``r`` gets its own, differently sized share of every task (``rank_share``), in two
 batches on each rank (FSDP2 runs collectives in every forward, so the batch counts match).
@@ -129,6 +130,15 @@ def scenario(rank, wrapped, res, on_consolidated=None):
     F.cross_entropy(wrapped(x), y).backward()
     res["penalty_fast"] = ewc.add_penalty_grad_().item()
     res["grad_fast"] = grads(wrapped)
+    zero_grad(wrapped)
+
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)
+    ewc.attach(opt)
+    opt.register_step_pre_hook(lambda *_: res.update(grad_attach=grads(wrapped)))  # runs after fastcl's hook
+    F.cross_entropy(wrapped(x), y).backward()
+    opt.step()
+    res["penalty_attach"] = ewc.last_penalty.item()
+    ewc.detach()
     zero_grad(wrapped)
 
     # state_dict round trips: through torch.save, and as full (gathered) tensors

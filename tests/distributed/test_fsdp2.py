@@ -53,7 +53,7 @@ def test_penalty_value(results, ref):
     check_penalty(results, ref)
 
 
-@pytest.mark.parametrize("key", ["grad_autograd", "grad_fast"])
+@pytest.mark.parametrize("key", ["grad_autograd", "grad_fast", "grad_attach"])
 def test_gradients(results, ref, key):
     check_gradients(results, ref, key)
 

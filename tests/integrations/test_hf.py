@@ -452,3 +452,146 @@ def test_retrain_llm_example_runs(tmp_path):
     for method in ("fine-tune", "EWC", "LwF"):
         assert method in result.stdout
     assert "task-A loss" in result.stdout
+
+
+# --------------------------------------------------------------------------- sequence classification (issue 14.15)
+
+
+def tiny_classifier(seed=0, num_labels=3, problem_type=None):
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, num_labels=num_labels, pad_token_id=0, problem_type=problem_type,
+    )
+    return LlamaForSequenceClassification(config).double()
+
+
+class LabelledDataset(torch.utils.data.Dataset):
+    """Fixed-length sequences without pad tokens, each with a class label."""
+
+    def __init__(self, size, seq_len, seed, num_labels=3):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, VOCAB, (size, seq_len), generator=g)
+        self.labels = torch.randint(0, num_labels, (size,), generator=g)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+
+
+def per_sample_importance(model, dataset, loss, power):
+    """(1/N) Σ_n |∂ℓ_n/∂θ|^power, one sequence at a time."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(len(dataset)):
+        item = dataset[i]
+        logits = model(input_ids=item["input_ids"][None]).logits
+        grads = torch.autograd.grad(loss(logits, item["labels"][None]), list(params.values()), allow_unused=True)
+        for n, g in zip(params, grads):
+            if g is not None:
+                total[n] += g.abs() ** power
+    return {n: t / len(dataset) for n, t in total.items()}
+
+
+@pytest.mark.filterwarnings("ignore::fastcl.PerSampleFallbackWarning")
+def test_trainer_consolidates_a_sequence_classifier(tmp_path):
+    model = tiny_classifier(seed=30)
+    dataset = LabelledDataset(6, seq_len=5, seed=31)
+    model.eval()
+    fisher = per_sample_importance(model, dataset, lambda z, y: torch.nn.functional.cross_entropy(z, y), power=2)
+    mas = per_sample_importance(model, dataset, lambda z, y: z.square().sum(), power=1)
+    ewc, mas_reg = fastcl.EWC(model, strength=1.0), fastcl.MAS(model, strength=1.0)
+    args = training_args(tmp_path, per_device_eval_batch_size=4, max_steps=2, logging_steps=1)
+    trainer = ContinualTrainer(model=model, args=args, train_dataset=dataset, regularizer=[ewc, mas_reg])
+    trainer.consolidate()
+    for name, expected in fisher.items():
+        assert expected.abs().max() > 0, name
+        torch.testing.assert_close(ewc.fisher[name], expected, rtol=1e-8, atol=1e-14, msg=name)
+        torch.testing.assert_close(mas_reg.importance[name], mas[name], rtol=1e-8, atol=1e-14, msg=name)
+    perturb_(model, 0.05, seed=32)
+    trainer.train()  # the penalties now act on the classifier's training loss
+    logged = [h["cl_penalty"] for h in trainer.state.log_history if "cl_penalty" in h]
+    assert logged and all(v > 0 for v in logged)
+
+
+def test_sequence_classification_per_sample_losses():
+    from fastcl.integrations.hf import sequence_classification_per_sample_loss as loss
+
+    g = torch.Generator().manual_seed(33)
+    z = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 2])
+    expected = torch.stack([-torch.log_softmax(z[i], 0)[y[i]] for i in range(4)])
+    torch.testing.assert_close(loss(z, y), expected, rtol=1e-12, atol=0)
+    target = torch.rand(4, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(loss(z, target, problem_type="regression"), ((z - target) ** 2).mean(1), rtol=1e-12, atol=0)
+    bits = (target > 0.5).double()
+    bce = -(bits * torch.log(torch.sigmoid(z)) + (1 - bits) * torch.log(1 - torch.sigmoid(z))).mean(1)
+    torch.testing.assert_close(loss(z, bits), bce, rtol=1e-10, atol=0)  # float labels, C > 1: multi-label
+    torch.testing.assert_close(loss(z[:, :1], target[:, 0]), (z[:, 0] - target[:, 0]) ** 2, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        loss(z, torch.tensor([0, 3, 1, 2]))
+    with pytest.raises(ValueError, match="labels"):
+        loss(z, None)
+
+
+def test_trainer_refuses_at_construction_a_model_it_cannot_consolidate(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    with pytest.raises(TypeError, match="causal language models"):
+        ContinualTrainer(model=model, args=training_args(tmp_path), regularizer=fastcl.EWC(model, 1.0))
+    ContinualTrainer(model=model, args=training_args(tmp_path), regularizer=fastcl.L2SP(model, 1.0))  # needs no data
+
+
+# --------------------------------------------------------------------------- no silent LwF, atomic consolidate (issue 14.14)
+
+
+def test_training_with_a_teacherless_lwf_raises_before_any_step(tmp_path):
+    model = tiny_llama(seed=34)
+    before = params64(model)
+    lwf = CausalLMLwF(model, strength=1.0)  # never consolidated: it would add nothing
+    trainer = ContinualTrainer(model=model, args=training_args(tmp_path), train_dataset=TokenDataset(8, 5, seed=35), lwf=lwf)
+    with pytest.raises(RuntimeError, match="no teacher"):
+        trainer.train()
+    assert max_diff(params64(model), before) == 0.0
+    model.train()
+    with pytest.raises(RuntimeError, match="no teacher"):
+        trainer.compute_loss(model, dict(padded_batch([5, 5], seq_len=5, seed=36)))
+
+
+def test_trainer_consolidate_is_all_or_nothing(tmp_path):
+    model = tiny_llama(seed=37)
+    l2sp = fastcl.L2SP(model, strength=1.0)
+    anchors = l2sp.anchors
+    true_fisher = fastcl.EWC(model, strength=1.0, fisher="true")  # needs [B, C] logits, a causal LM gives [B, S, V]
+    lwf = CausalLMLwF(model, strength=1.0)
+    trainer = ContinualTrainer(model=model, args=training_args(tmp_path), train_dataset=TokenDataset(4, 5, seed=38),
+                               regularizer=[l2sp, true_fisher], lwf=lwf)
+    perturb_(model, 0.05, seed=39)
+    with pytest.raises(ValueError, match="logits"):
+        trainer.consolidate()
+    assert all(l2sp.anchors[n] is a for n, a in anchors.items()) and l2sp.num_consolidations == 1
+    assert not true_fisher.consolidated and not lwf.consolidated
+
+
+@pytest.mark.filterwarnings("ignore::fastcl.PerSampleFallbackWarning")
+def test_trainer_consolidates_any_regularizer_by_what_it_declares(tmp_path):
+    """No type branches: a user's regularizer that reads model outputs gets the same data MAS gets."""
+    from fastcl.importance import mas_importance
+    from fastcl.strategies import ImportanceRegularizer
+
+    class TwiceMAS(ImportanceRegularizer):
+        consolidation_input = "outputs"
+
+        def consolidate(self, data, *, max_samples=None, **options):
+            self.fold({n: 2 * w for n, w in mas_importance(self.model, data, max_samples=max_samples, **options).items()})
+
+    model = tiny_llama(seed=40)
+    custom, mas = TwiceMAS(model, strength=1.0, mode="online"), fastcl.MAS(model, strength=1.0)
+    trainer = ContinualTrainer(model=model, args=training_args(tmp_path), train_dataset=TokenDataset(4, 5, seed=41),
+                               regularizer=[custom, mas])
+    trainer.consolidate()
+    for n, w in mas.importance.items():
+        torch.testing.assert_close(custom.importance[n], 2 * w, rtol=1e-6, atol=0)

@@ -22,13 +22,42 @@ def random_fishers(model, n_tasks, seed=0, frozen=()):
 @pytest.fixture
 def fake_fisher(monkeypatch):
     """Feed EWC.consolidate pre-computed Fishers (the Fisher engine is tested on its own)."""
-    queue = []
-
     def fake(model, data, loss_fn=None, kind="empirical", max_samples=None, **kwargs):
-        return queue.pop(0)
+        fake.calls.append(dict(loss_fn=loss_fn, kind=kind, max_samples=max_samples, **kwargs))
+        return fake.queue.pop(0)
 
+    fake.calls = []
     monkeypatch.setattr(ewc_module, "diagonal_fisher", fake)
-    return queue
+    fake.queue = _Queue()
+    fake.queue.calls = fake.calls
+    return fake.queue
+
+
+class _Queue(list):
+    """A list that also records the calls made with it."""
+
+
+def test_consolidate_passes_every_option_through(fake_fisher):
+    model = make_mlp()
+    ewc = fastcl.EWC(model, 1.0, fisher="exact", top_k=2)
+    fake_fisher.append(random_fishers(model, 1)[0])
+    forward, output_fn = (lambda m, b: b), (lambda out: out)
+    ewc.consolidate([None], max_samples=5, forward=forward, verbose=False, output_fn=output_fn)
+    assert fake_fisher.calls == [dict(loss_fn=None, kind="exact", max_samples=5, forward=forward, verbose=False,
+                                      output_fn=output_fn, top_k=2)]
+    with pytest.raises(TypeError):
+        ewc.consolidate([None], None, 5)  # options are keyword-only
+
+
+def test_fold_is_consolidate_without_the_fisher_pass(fake_fisher):
+    model = make_mlp()
+    fisher = random_fishers(model, 1, seed=4)[0]
+    by_fold, by_consolidate = fastcl.EWC(model, 1.0), fastcl.EWC(model, 1.0)
+    by_fold.fold(fisher)
+    fake_fisher.append(fisher)
+    by_consolidate.consolidate([None])
+    for n in fisher:
+        assert torch.equal(by_fold.fisher[n], by_consolidate.fisher[n]) and torch.equal(by_fold.anchors[n], by_consolidate.anchors[n])
 
 
 def separate_oracle(model, history, strength):

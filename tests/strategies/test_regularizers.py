@@ -66,9 +66,10 @@ def test_state_dict_round_trip_and_shape_mismatch():
         fastcl.L2SP(wrong, 1.0).load_state_dict(state)
 
 
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "1", True])
-def test_bad_strength(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, error", [(-1.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+                                        (1e39, ValueError), ("1", TypeError), (True, TypeError)])
+def test_bad_strength(bad, error):
+    with pytest.raises(error, match="strength"):
         fastcl.L2SP(make_mlp(), bad)
 
 
@@ -83,3 +84,17 @@ def test_works_after_dtype_change_and_with_wrapped_names():
     wrapped.module = model  # looks like DDP's naming: "module.0.weight"
     reg2 = fastcl.L2SP(wrapped, 1.0)
     assert reg2.covered_names == [n for n, _ in model.named_parameters()]
+
+
+def test_cached_parameter_lookup_follows_module_replacement_and_removal():
+    model = make_mlp()
+    reg = fastcl.L2SP(model, 2.0)
+    start = snapshot(model)
+    assert reg.penalty().item() == 0.0  # the lookup is cached now
+    torch.manual_seed(9)
+    model[2] = torch.nn.Linear(7, 3).double()  # same names and shapes, new parameters
+    expected = sum(float((p.detach() - start[n]).square().sum()) for n, p in model.named_parameters())
+    assert reg.penalty().item() == pytest.approx(expected, rel=1e-12)
+    del model[2]
+    with pytest.raises(ValueError, match="2.weight"):
+        reg.penalty()
