@@ -37,6 +37,8 @@ from setuptools.command.build_ext import build_ext
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CPU_DIR = os.path.join("csrc", "cpu")
 CUDA_DIR = os.path.join("csrc", "cuda")
+COMMON_DIR = os.path.join("csrc", "common")  # headers shared by csrc/cpu and csrc/cuda
+COMMON_HEADERS = [os.path.join(COMMON_DIR, f) for f in ("codes.h", "penalty_math.h")]
 CUDA_SOURCES = [os.path.join(CUDA_DIR, "penalty.cu")]
 DEFAULT_CUDA_ARCHS = "80;90"
 
@@ -87,7 +89,7 @@ def cuda_archs() -> list[str]:
 def nvcc_command(nvcc: str, source: str, output: str, archs: list[str]) -> list[str]:
     """The nvcc command line that compiles one .cu file into a position-independent object."""
     cmd = [nvcc, "-c", source, "-o", output, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-           "-Xcompiler", "-fvisibility=hidden", "-I", os.path.join(ROOT, CUDA_DIR)]
+           "-Xcompiler", "-fvisibility=hidden", "-I", os.path.join(ROOT, CUDA_DIR), "-I", os.path.join(ROOT, COMMON_DIR)]
     for i, arch in enumerate(archs):
         code = f"[sm_{arch},compute_{arch}]" if i == len(archs) - 1 else f"sm_{arch}"
         cmd += ["-gencode", f"arch=compute_{arch},code={code}"]
@@ -309,17 +311,17 @@ def extensions() -> list[Extension]:
             sources=[os.path.join(CPU_DIR, f) for f in ("bindings.cpp", "penalty.cpp", "distill.cpp", "distill_avx2.cpp",
                                                          "distill_avx512.cpp", "sqgrad.cpp", "sqgrad_avx2.cpp",
                                                          "sqgrad_avx512.cpp")],
-            include_dirs=[CPU_DIR],
-            depends=[os.path.join(CPU_DIR, f) for f in ("dtypes.h", "kernels.h", "distill_isa.h", "distill_impl.inc",
-                                                        "sqgrad_isa.h", "sqgrad_impl.inc")],
+            include_dirs=[CPU_DIR, COMMON_DIR],
+            depends=[*(os.path.join(CPU_DIR, f) for f in ("dtypes.h", "kernels.h", "pages.h", "distill_isa.h", "distill_impl.inc",
+                                                          "sqgrad_isa.h", "sqgrad_impl.inc")), *COMMON_HEADERS],
             language="c++",
         ))
     if not _env_off("FASTCL_BUILD_CUDA") and find_nvcc() is not None:
         exts.append(Extension(
             "fastcl._cuda",
             sources=[os.path.join(CUDA_DIR, "bindings.cpp")],
-            include_dirs=[CUDA_DIR],
-            depends=[*CUDA_SOURCES, os.path.join(CUDA_DIR, "kernels.h")],
+            include_dirs=[CUDA_DIR, COMMON_DIR],
+            depends=[*CUDA_SOURCES, os.path.join(CUDA_DIR, "kernels.h"), *COMMON_HEADERS],
             language="c++",
         ))
     elif not _env_off("FASTCL_BUILD_CUDA"):

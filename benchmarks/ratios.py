@@ -50,6 +50,7 @@ class Ratio:
     meaning: str
     target: tuple[str, float] | None = None   # (">=" or "<=", value): a required ratio
     case: str | None = None                   # a fixed case instead of the op's headline case
+    fastcl: str = ""                          # suffix of the fastcl row: "fastcl[<backend>]<fastcl>"
 
 
 RATIOS = {
@@ -58,6 +59,18 @@ RATIOS = {
         "penalty", "copy_same_bytes", "bw", "penalty: fastcl bandwidth / copy bandwidth (1 = at the memory limit)", (">=", 0.85)),
     "penalty_vs_foreach": Ratio("penalty", "foreach", "time", "penalty: time, torch._foreach_* / fastcl"),
     "penalty_vs_compiled_loop": Ratio("penalty", "compiled_loop", "time", "penalty: time, torch.compile(loop) / fastcl"),
+    "penalty_backward_fraction_of_copy_bandwidth": Ratio(
+        "penalty", "copy_same_bytes", "bw", "penalty().backward(), .grad None: copy time / fastcl time (same bytes)",
+        fastcl=" penalty().backward()"),
+    "penalty_backward_grad_fraction_of_copy_bandwidth": Ratio(
+        "penalty", "copy_same_bytes", "bw", "penalty().backward(), .grad present: copy time / fastcl time (same bytes)",
+        fastcl=" penalty().backward() +grad"),
+    "penalty_backward_vs_autograd_loop": Ratio(
+        "penalty", "autograd_loop grad=None", "time", "penalty().backward(), .grad None: time, autograd loop / fastcl",
+        fastcl=" penalty().backward()"),
+    "penalty_backward_grad_vs_autograd_loop": Ratio(
+        "penalty", "autograd_loop", "time", "penalty().backward(), .grad present: time, autograd loop / fastcl",
+        fastcl=" penalty().backward() +grad"),
     "fisher_vs_per_sample_loop": Ratio("fisher", "per_sample_loop", "time", "Fisher: time, per-sample loop / fastcl", (">=", 50.0)),
     "fisher_vs_vmap": Ratio("fisher", "vmap_grad", "time", "Fisher: time, torch.func vmap(grad) / fastcl", (">=", 3.0)),
     "fisher_memory_vs_fwd_bwd": Ratio(
@@ -86,6 +99,9 @@ RATIOS = {
     "fused_linear_distill_vs_torch_memory": Ratio(
         "fused_linear_distill", "torch_unfused", "mem", "fused linear distill: peak memory, fastcl / unfused torch", ("<=", 0.2)),
     "e2e_ewc_vs_autograd_loop": Ratio("e2e", "autograd_loop_ewc", "time", "EWC epoch: time, autograd-loop EWC / fastcl"),
+    "e2e_penalty_vs_plain": Ratio(
+        "e2e", "plain", "time", "EWC epoch with loss + ewc.penalty(): time, plain epoch / fastcl (1 = free)",
+        fastcl=" penalty()"),
 }
 REQUIRED = tuple(name for name, r in RATIOS.items() if r.target is not None)
 
@@ -122,9 +138,10 @@ def compute_ratios(rows: list[dict], *, headline: Callable[[str], str], default_
             continue
         backend = default_backend(spec.op)
         info["backend"] = backend
-        fast = _find(rows, spec.op, f"fastcl[{backend}]", case) if backend else None
+        fast = _find(rows, spec.op, f"fastcl[{backend}]{spec.fastcl}", case) if backend else None
         if fast is None:
-            candidates = [r for r in rows if r["op"] == spec.op and r["case"] == case and re.fullmatch(r"fastcl\[\w+\]", r["impl"])]
+            pattern = r"fastcl\[\w+\]" + re.escape(spec.fastcl)
+            candidates = [r for r in rows if r["op"] == spec.op and r["case"] == case and re.fullmatch(pattern, r["impl"])]
             if candidates:
                 fast = min(candidates, key=lambda r: r["ms_median"])
                 info["backend"] = fast["impl"][7:-1]

@@ -41,13 +41,15 @@ def test_copy_same_bytes(benchmark, inputs):
 
 
 @pytest.mark.parametrize("backend", available_backends(DEVICE, suite.FASTCL_OP))
-def test_fastcl(benchmark, inputs, backend):
+@pytest.mark.parametrize("path", list(suite.FASTCL_STEPS), ids=lambda p: p.strip() or "penalty(grads)")
+def test_fastcl(benchmark, inputs, backend, path):
     _group(benchmark, inputs)
     if backend not in available_backends(DEVICE, suite.FASTCL_OP, inputs.case.dtype):
         pytest.skip(f"fastcl[{backend}] cannot run penalty in {inputs.case.dtype}")
+    step = suite.FASTCL_STEPS[path]
 
     def run():
         with use_backend(backend):
-            return suite.fastcl_step(inputs.sets[0])
+            return step(inputs.sets[0])
 
     benchmark(run)

@@ -2,12 +2,21 @@
 
 Rows per case (``cases.PENALTY``): each entry of :data:`BASELINES`, ``compiled_loop``
 (headline case of a full run only: each shape set recompiles), ``copy_same_bytes`` (the
-bandwidth ceiling) and ``fastcl[<backend>]`` for each backend that can run it.
+bandwidth ceiling) and, for each backend that can run it, the three ways fastcl adds the
+penalty's gradient (:data:`FASTCL_STEPS`): ``fastcl[<backend>]`` (``penalty(grads=...)``,
+the fused path of ``add_penalty_grad_()``), ``fastcl[<backend>] penalty().backward()``
+(the differentiable penalty with ``.grad`` None, as after ``zero_grad(set_to_none=True)``)
+and ``fastcl[<backend>] penalty().backward() +grad`` (``.grad`` present). The autograd
+loop also has both: ``autograd_loop`` (``.grad`` present) and ``autograd_loop grad=None``.
 **Add a baseline**: write it in ``baselines.py``, add one entry to :data:`BASELINES`.
 
+On the CPU every row of a case is timed interleaved (one call of each per round, see
+``harness.timing.measure_interleaved``), so machine drift does not enter the ratios.
 The rows cycle through ``k`` input copies so that a cycle spans 4× the last-level cache
-(``harness.timing.rotation_count``). ``check`` is ``gpu_check.py``'s penalty section:
-every backend, dtype pair, kind and mode against the float64 oracle.
+(``harness.timing.rotation_count``); every byte count (``bytes_moved``, hence the
+``bw`` ratios) is the fused path's minimal traffic, 5 arrays. ``check`` is
+``gpu_check.py``'s penalty section: every backend, dtype pair, kind and mode against the
+float64 oracle.
 """
 from __future__ import annotations
 
@@ -20,7 +29,7 @@ import baselines as bl
 import torch
 from cases import DTYPE_NAMES, PenaltyCase, cases, headline
 from harness.record import Config, Recorder, available_backends, forced, free
-from harness.timing import cycle, rotation_count
+from harness.timing import cycle, measure_interleaved, rotation_count
 from inputs import PenaltySet, make_penalty_set, param_shapes, penalty_bytes
 from oracles import OUT_RTOL, penalty_expected, worst_ratio
 
@@ -31,15 +40,47 @@ OP = "penalty"
 FASTCL_OP = "penalty"
 LAMBDA = 100.0
 
-# impl -> one value + gradient (into ``s.grads``) on input set ``s``, scaled by LAMBDA.
+def _present(s: PenaltySet) -> PenaltySet:
+    """``s`` with every ``.grad`` allocated (a row that sets them to None may have run before)."""
+    for p in s.params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return s
+
+
+def _cleared(s: PenaltySet) -> PenaltySet:
+    """``s`` with every ``.grad`` None, as after ``optimizer.zero_grad(set_to_none=True)``."""
+    for p in s.params:
+        p.grad = None
+    return s
+
+
+# impl -> one value + gradient (into ``p.grad``) on input set ``s``, scaled by LAMBDA.
 BASELINES: dict[str, Callable[[PenaltySet], object]] = {
-    "autograd_loop": lambda s: bl.autograd_loop_step(s.params, s.anchors, s.weights, LAMBDA),
-    "foreach": lambda s: bl.foreach_penalty(s.params, s.anchors, s.weights, s.grads, LAMBDA),
+    "autograd_loop": lambda s: bl.autograd_loop_step(_present(s).params, s.anchors, s.weights, LAMBDA),
+    "autograd_loop grad=None": lambda s: bl.autograd_loop_step(_cleared(s).params, s.anchors, s.weights, LAMBDA),
+    "foreach": lambda s: bl.foreach_penalty(s.params, s.anchors, s.weights, _present(s).grads, LAMBDA),
 }
 
 
 def fastcl_step(s: PenaltySet):
-    return fastcl.ops.penalty(s.params, s.anchors, s.weights, scale=LAMBDA, grads=s.grads)
+    """The fused path (``add_penalty_grad_()``): ``p.grad += λ·w·(θ−a)`` in one pass."""
+    return fastcl.ops.penalty(s.params, s.anchors, s.weights, scale=LAMBDA, grads=_present(s).grads)
+
+
+def fastcl_backward(s: PenaltySet):
+    """The differentiable penalty in a loss: ``anchored_penalty(...).backward()``."""
+    value = fastcl.ops.anchored_penalty(s.params, s.anchors, s.weights, scale=LAMBDA)
+    value.backward()
+    return value.detach()
+
+
+# row suffix -> how fastcl adds the gradient on input set ``s``
+FASTCL_STEPS: dict[str, Callable[[PenaltySet], object]] = {
+    "": fastcl_step,
+    " penalty().backward()": lambda s: fastcl_backward(_cleared(s)),
+    " penalty().backward() +grad": lambda s: fastcl_backward(_present(s)),
+}
 
 
 @dataclass
@@ -81,31 +122,37 @@ def _bench_case(cfg: Config, rec: Recorder, case: PenaltyCase) -> None:
     device, label = cfg.device, case.label
     inp = make_inputs(case, device, rotation_cap=cfg.rotation_cap)
     k = len(inp.sets)
-
-    def measure(impl, fn, **kw):
-        rec.measure(OP, impl, label, inp.numel, fn, bytes_moved=inp.nbytes, rotate=k, **kw)
-
-    for name, step in BASELINES.items():
-        measure(name, inp.on_next(step))
+    impls: dict[str, Callable[[], object]] = {name: inp.on_next(step) for name, step in BASELINES.items()}
+    notes: dict[str, str] = {}
     if not cfg.compile:
         rec.skip(OP, "compiled_loop", label, "torch.compile skipped (--quick: compiling takes tens of seconds; or --no-compile)")
     elif label != headline(OP, cfg.size).label:
         rec.skip(OP, "compiled_loop", label, "torch.compile timed on the headline case only (each shape set recompiles)")
     else:
         try:
-            step = bl.compiled_loop_penalty(LAMBDA)
+            compiled = bl.compiled_loop_penalty(LAMBDA)
             t0 = time.perf_counter()
-            s0 = inp.sets[0]
-            step(s0.params, s0.anchors, s0.weights)
-            compile_s = time.perf_counter() - t0
-            measure("compiled_loop", inp.on_next(lambda s: step(s.params, s.anchors, s.weights)),
-                    note=f"first call (compile) {compile_s:.1f} s")
+            s0 = _present(inp.sets[0])
+            compiled(s0.params, s0.anchors, s0.weights)
+            notes["compiled_loop"] = f"first call (compile) {time.perf_counter() - t0:.1f} s"
+            impls["compiled_loop"] = inp.on_next(lambda s: compiled(_present(s).params, s.anchors, s.weights))
         except Exception as exc:  # noqa: BLE001 - a compiler failure is a skipped row
             rec.skip(OP, "compiled_loop", label, f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     copies = cycle([bl.copy_same_bytes(inp.nbytes, device) for _ in range(k)])
-    measure("copy_same_bytes", lambda: copies()())
+    impls["copy_same_bytes"] = lambda: copies()()
     for b in available_backends(device, FASTCL_OP, case.dtype, on_skip=lambda b, why: rec.skip(OP, f"fastcl[{b}]", label, why)):
-        measure(f"fastcl[{b}]", forced(b, inp.on_next(fastcl_step)))
+        for suffix, fastcl_path in FASTCL_STEPS.items():
+            impls[f"fastcl[{b}]{suffix}"] = forced(b, inp.on_next(fastcl_path))
+
+    timings: dict = {}
+    if device.type == "cpu":  # CUDA rows keep per-row event timing (interleaving would sync every call)
+        try:
+            timings = measure_interleaved(impls, device, warmup=1, rounds=cfg.rounds if cfg.quick else 21)
+        except Exception as exc:  # noqa: BLE001 - one-by-one timing reports the failing row
+            print(f"  interleaved timing failed ({type(exc).__name__}: {exc}); timing one by one", flush=True)
+    for impl, fn in impls.items():
+        rec.measure(OP, impl, label, inp.numel, fn, bytes_moved=inp.nbytes, rotate=k, note=notes.get(impl),
+                    timing=timings.get(impl))
 
     def value_error():  # the default fastcl backend vs the autograd loop, on fresh inputs
         s = make_penalty_set(inp.shapes[: min(len(inp.shapes), 10)], case.dtype, device, seed=99)

@@ -37,18 +37,18 @@ void check_len(const char* name, size_t got, size_t want) {
 double penalty(const std::vector<uintptr_t>& params, const std::vector<uintptr_t>& anchors,
                const std::vector<uintptr_t>& weights, const std::vector<uintptr_t>& grads,
                const std::vector<int64_t>& sizes, int param_dtype, int anchor_dtype, int weight_dtype,
-               int kind, double scale, int num_threads) {
+               int kind, int grad_mode, double scale, int num_threads) {
     const size_t n = sizes.size();
     check_len("params", params.size(), n);
     check_len("anchors", anchors.size(), n);
     if (!weights.empty()) check_len("weights", weights.size(), n);
-    if (!grads.empty()) check_len("grads", grads.size(), n);
+    if (grad_mode != fastcl::kValueOnly) check_len("grads", grads.size(), n);
     const auto p = as_const_ptrs(params), a = as_const_ptrs(anchors), w = as_const_ptrs(weights);
     const auto g = as_ptrs(grads);
     py::gil_scoped_release no_gil;
     return fastcl::penalty_cpu(int64_t(n), p.data(), a.data(), weights.empty() ? nullptr : w.data(),
                                grads.empty() ? nullptr : g.data(), sizes.data(), param_dtype, anchor_dtype,
-                               weights.empty() ? fastcl::kNone : weight_dtype, kind, scale, num_threads);
+                               weights.empty() ? fastcl::kNone : weight_dtype, kind, grad_mode, scale, num_threads);
 }
 
 void distill(uintptr_t student, uintptr_t teacher, uintptr_t mask, uintptr_t row_loss, uintptr_t grad,
@@ -77,10 +77,10 @@ PYBIND11_MODULE(_C, m) {
     m.attr("PENALTY_CHUNK") = fastcl::kPenaltyChunk;
     m.def("penalty", &penalty, py::arg("params"), py::arg("anchors"), py::arg("weights"), py::arg("grads"),
           py::arg("sizes"), py::arg("param_dtype"), py::arg("anchor_dtype"), py::arg("weight_dtype"),
-          py::arg("kind"), py::arg("scale"), py::arg("num_threads"),
-          "scale·Σ w·φ(θ−a) over all tensors (φ = d²/2 for kind 0, |d| for kind 1); with grads, also "
-          "grads += scale·w·φ'(θ−a). Addresses as ints; empty weights = w 1; empty grads = value only. "
-          "Dtype codes: 0 float32, 1 bfloat16, 2 float16.");
+          py::arg("kind"), py::arg("grad_mode"), py::arg("scale"), py::arg("num_threads"),
+          "scale·Σ w·φ(θ−a) over all tensors (φ = d²/2 for kind 0, |d| for kind 1); grad_mode 1: also "
+          "grads += scale·w·φ'(θ−a), 2: grads = scale·w·φ'(θ−a) (grads not read), 0: value only. Addresses "
+          "as ints; empty weights = w 1. Codes: csrc/common/codes.h (dtypes 0 float32, 1 bfloat16, 2 float16).");
     m.def("distill", &distill, py::arg("student"), py::arg("teacher"), py::arg("mask"), py::arg("row_loss"),
           py::arg("grad"), py::arg("rows"), py::arg("vocab"), py::arg("dtype"), py::arg("temperature"),
           py::arg("grad_scale"), py::arg("num_threads"), py::arg("isa") = -1,

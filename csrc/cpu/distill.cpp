@@ -4,9 +4,7 @@
 #include <cstddef>
 #include <stdexcept>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include "pages.h"
 
 #define FASTCL_DISTILL_NS isa_baseline
 #include "distill_impl.inc"
@@ -26,22 +24,6 @@ int detect_isa() {
     return 0;
 }
 
-// A fresh gradient buffer is a fresh mapping whose every 4 KiB page faults on first
-// write; over a [512, 32000] float32 gradient that costs about as much as the kernel.
-// Transparent huge pages (where the kernel offers them on request) cut the faults 512-fold,
-// as NumPy does for its large arrays. Only the 2 MiB-aligned interior is advised; pages
-// already in use are unaffected, and a refusal changes nothing.
-void advise_huge_pages(void* data, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-    const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-    (void)data;
-    (void)bytes;
-#endif
-}
 }  // namespace
 
 int distill_isa() {

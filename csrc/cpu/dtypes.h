@@ -10,10 +10,9 @@
 #include <cstdint>
 #include <cstring>
 
-namespace fastcl {
+#include "codes.h"  // csrc/common: DtypeCode (kFloat32, kBFloat16, kFloat16, kNone)
 
-// Dtype codes shared with fastcl/kernels/cpp.py and fastcl/kernels/cuda.py.
-enum DtypeCode : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kNone = -1 };
+namespace fastcl {
 
 inline uint32_t float_bits(float f) {
     uint32_t u;

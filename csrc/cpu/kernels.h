@@ -9,14 +9,17 @@ namespace fastcl {
 // Elements per work item of the penalty. Work items never straddle tensors; their
 // partial sums are added in item order, so the value does not depend on the thread count.
 constexpr int64_t kPenaltyChunk = 1 << 16;
+// Elements per OpenMP thread at least (shorter lists run on fewer threads).
+constexpr int64_t kPenaltyGrain = 1 << 17;
 
-// value = scale · Σ_t Σ_k w·φ(θ−a) (φ = d²/2 for kind 0, |d| for kind 1);
-// if grads != nullptr: grads[t] += scale · w · φ'(θ−a), in the grad's (= θ's) dtype.
-// weights == nullptr or weight_dtype == kNone means w = 1.
+// value = scale · Σ_t Σ_k w·φ(θ−a) (φ = d²/2 for kQuadratic, |d| for kL1);
+// grad_mode kAccumulate: grads[t] += scale·w·φ'(θ−a); kStore: grads[t] = scale·w·φ'(θ−a)
+// (grads not read); kValueOnly: grads unused (may be nullptr). Grads have θ's dtype.
+// weights == nullptr or weight_dtype == kNone means w = 1. Codes: csrc/common/codes.h.
 double penalty_cpu(int64_t num_tensors, const void* const* params, const void* const* anchors,
                    const void* const* weights, void* const* grads, const int64_t* sizes,
-                   int param_dtype, int anchor_dtype, int weight_dtype, int kind, double scale,
-                   int num_threads);
+                   int param_dtype, int anchor_dtype, int weight_dtype, int kind, int grad_mode,
+                   double scale, int num_threads);
 
 // Per row r of [R, V] logits: row_loss[r] = T²·KL(softmax(t/T) ‖ softmax(s/T)),
 // grad[r] = grad_scale·T·(softmax(s/T) − softmax(t/T)) in the logits' dtype; rows with

@@ -1,45 +1,40 @@
 // Anchored penalty over a list of tensors on the GPU, value and gradient in one pass.
 //
-//   value   = scale · Σ_t Σ_k w·φ(θ−a),   φ(d) = d²/2 (quadratic) or |d| (l1)
-//   grad_t += scale · w · φ'(θ−a)
+//   value    = scale · Σ_t Σ_k w·φ(θ−a),   φ(d) = d²/2 (quadratic) or |d| (l1)
+//   grad_t  += scale · w · φ'(θ−a)          (kAccumulate)
+//   grad_t   = scale · w · φ'(θ−a)          (kStore: the gradient is not read)
 //
-// Multi-tensor launch: the tensor list travels in the kernel arguments (a TensorTable of
-// up to kMaxTensors addresses and sizes plus a block -> (tensor, chunk) map of up to
-// kMaxBlocks entries); a list that does not fit is covered by several launches. Each
-// block handles one chunk of kChunk elements of one tensor, reads 4 elements per load
-// when every pointer allows it, and writes its partial sum to partials[global chunk
-// index]. A one-block cleanup kernel adds the partials in a fixed order: the value is
-// deterministic, with no floating-point atomics.
+// Two launches for any list: a persistent grid of at most (SMs × resident blocks per SM)
+// blocks, then a one-block reduction. The list lives in a device table (built and cached
+// by fastcl/kernels/cuda.py, see kernels.h). The tensors are cut into chunks of kChunk
+// elements; block b takes chunks b, b + G, b + 2G, … and finds each chunk's tensor by a
+// binary search over the table's first-chunk column. A chunk whose four addresses allow
+// it is read with 16-byte loads (4 float32 or 8 bfloat16/float16 θ per thread and
+// step); an unaligned tensor (a view at an odd offset) takes the scalar loop, alone.
+// A thread sums in float within a chunk and in double across chunks; each block writes
+// one partial sum; the reduction adds them in double in a fixed order, so the value is
+// deterministic for a given device and list (no floating-point atomics).
+// The per-element math is csrc/common/penalty_math.h, shared with the CPU kernel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
 #include <type_traits>
 
+#include "codes.h"
 #include "kernels.h"
+#include "penalty_math.h"
+
+using namespace fastcl;
 
 namespace {
 
-constexpr int kMaxTensors = 36;
-constexpr int kMaxBlocks = 320;
-constexpr int kThreads = 512;
-constexpr int kVec = 4;
+constexpr int kThreads = 256;
+constexpr int kMaxBlocksPerSM = 2048 / kThreads;  // bound for the partials buffer
 constexpr int64_t kChunk = fastcl_cuda_penalty_chunk;
-
-enum Kind : int { kQuadratic = 0, kL1 = 1 };
-
-struct TensorTable {
-    const void* params[kMaxTensors];
-    const void* anchors[kMaxTensors];
-    const void* weights[kMaxTensors];
-    void* grads[kMaxTensors];
-    int64_t sizes[kMaxTensors];
-    unsigned char block_tensor[kMaxBlocks];
-    int block_chunk[kMaxBlocks];
-    int64_t first_partial;  // partials index of this launch's block 0
-};
-static_assert(sizeof(TensorTable) < 4000, "kernel arguments are limited to 4 KiB");
+constexpr int kMaxDevices = 64;
 
 struct F32 {
     using storage = float;
@@ -60,95 +55,152 @@ struct NoW {
     using storage = float;
 };
 
-template <class T>
-struct alignas(sizeof(typename T::storage) * kVec) Pack {
-    typename T::storage v[kVec];
+// N elements of T moved with 16-byte (or, below 16 bytes, one 8/4-byte) memory operations.
+template <class T, int N>
+struct alignas(sizeof(T) * N >= 16 ? 16 : sizeof(T) * N) Vec {
+    T v[N];
 };
 
-template <class W>
-__device__ __forceinline__ float weight_at(const typename W::storage* w, int64_t i) {
-    if constexpr (std::is_same<W, NoW>::value) return 1.0f;
-    else return W::load(w[i]);
+template <class T, int N>
+constexpr int kVecAlign = sizeof(T) * N >= 16 ? 16 : int(sizeof(T) * N);
+
+// The raw word type of a memory operation of B bytes.
+template <int B>
+struct Word;
+template <>
+struct Word<16> { using type = uint4; };
+template <>
+struct Word<8> { using type = uint2; };
+template <>
+struct Word<4> { using type = unsigned; };
+
+// Every access is streaming (each element is read and written once: evict first) and
+// explicitly global, so the compiler emits ld/st.global.cs, never generic accesses.
+template <class T, int N>
+__device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
+    constexpr int bytes = int(sizeof(T)) * N;
+    constexpr int word = bytes >= 16 ? 16 : bytes;
+    using W = typename Word<word>::type;
+    union {
+        W w[bytes / word];
+        Vec<T, N> v;
+    } u;
+#pragma unroll
+    for (int k = 0; k < bytes / word; ++k) u.w[k] = __ldcs(reinterpret_cast<const W*>(p) + k);
+    return u.v;
 }
 
-template <int KIND>
-__device__ __forceinline__ float phi(float d) {
-    return KIND == kQuadratic ? d * d : fabsf(d);
+template <class T, int N>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
+    static_assert(sizeof(T) * N == 16, "gradients move 16 bytes per step");
+    union {
+        uint4 w;
+        Vec<T, N> v;
+    } u;
+    u.v = v;
+    __stcs(reinterpret_cast<uint4*>(p), u.w);
 }
 
-template <int KIND>
-__device__ __forceinline__ float dphi(float d) {
-    return KIND == kQuadratic ? d : float(d > 0.0f) - float(d < 0.0f);
-}
+template <class T>
+__device__ __forceinline__ T load_one(const T* p) { return __ldcs(p); }
+
+template <class T>
+__device__ __forceinline__ void store_one(T* p, T v) { __stcs(p, v); }
 
 __device__ __forceinline__ bool aligned(const void* p, int bytes) {
-    return p == nullptr || (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
+    return (reinterpret_cast<uintptr_t>(p) % unsigned(bytes)) == 0;
 }
 
-template <class P, class A, class W, int KIND>
-__global__ void __launch_bounds__(kThreads) penalty_kernel(TensorTable table, float* __restrict__ partials, float scale, bool with_grad) {
+// The tensor holding global chunk c: the last t with first[t] <= c (empty tensors own no chunk).
+__device__ __forceinline__ int chunk_tensor(const int64_t* __restrict__ first, int n_tensors, int64_t c) {
+    int lo = 0, hi = n_tensors - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (__ldg(first + mid) <= c) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+template <class P, class A, class W, int KIND, int MODE>
+__global__ void __launch_bounds__(kThreads) penalty_kernel(const int64_t* __restrict__ table, int n_tensors,
+                                                           int64_t n_chunks, float scale, float* __restrict__ partials) {
     using PS = typename P::storage;
     using AS = typename A::storage;
     using WS = typename W::storage;
     constexpr bool kHasW = !std::is_same<W, NoW>::value;
-    const int t = table.block_tensor[blockIdx.x];
-    const int64_t start = int64_t(table.block_chunk[blockIdx.x]) * kChunk;
-    const int64_t n = min(kChunk, table.sizes[t] - start);
-    const PS* __restrict__ p = static_cast<const PS*>(table.params[t]) + start;
-    const AS* __restrict__ a = static_cast<const AS*>(table.anchors[t]) + start;
-    const WS* __restrict__ w = kHasW ? static_cast<const WS*>(table.weights[t]) + start : nullptr;
-    PS* __restrict__ g = with_grad ? static_cast<PS*>(table.grads[t]) + start : nullptr;
+    constexpr int kVec = 16 / int(sizeof(PS));  // θ and grad move 16 bytes per step
+    const int64_t* __restrict__ first = table + 5 * int64_t(n_tensors);
 
-    float acc = 0.0f;
-    const bool vec_ok = aligned(p, sizeof(PS) * kVec) && aligned(a, sizeof(AS) * kVec) &&
-                        aligned(w, sizeof(WS) * kVec) && aligned(g, sizeof(PS) * kVec);
-    const int64_t n_vec = vec_ok ? n / kVec : 0;
-    for (int64_t v = threadIdx.x; v < n_vec; v += kThreads) {
-        const Pack<P> pv = reinterpret_cast<const Pack<P>*>(p)[v];
-        const Pack<A> av = reinterpret_cast<const Pack<A>*>(a)[v];
-        Pack<W> wv;
-        if constexpr (kHasW) wv = reinterpret_cast<const Pack<W>*>(w)[v];
-        float slope[kVec], wf[kVec];
+    double total = 0.0;  // a thread's sum over its chunks (a float within each chunk)
+    for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+        float acc = 0.0f;
+        const int t = chunk_tensor(first, n_tensors, c);
+        const int64_t start = (c - __ldg(first + t)) * kChunk;
+        const int64_t size = __ldg(table + 4 * int64_t(n_tensors) + t);
+        const int64_t n = min(kChunk, size - start);
+        const PS* __restrict__ p = reinterpret_cast<const PS*>(__ldg(table + t)) + start;
+        const AS* __restrict__ a = reinterpret_cast<const AS*>(__ldg(table + n_tensors + t)) + start;
+        const WS* __restrict__ w = kHasW ? reinterpret_cast<const WS*>(__ldg(table + 2 * int64_t(n_tensors) + t)) + start : nullptr;
+        PS* __restrict__ g = MODE != kValueOnly ? reinterpret_cast<PS*>(__ldg(table + 3 * int64_t(n_tensors) + t)) + start : nullptr;
+
+        const bool vec_ok = aligned(p, 16) && aligned(a, kVecAlign<AS, kVec>) &&
+                            (!kHasW || aligned(w, kVecAlign<WS, kVec>)) && (MODE == kValueOnly || aligned(g, 16));
+        const int64_t n_vec = vec_ok ? n / kVec : 0;
+        for (int64_t v = threadIdx.x; v < n_vec; v += kThreads) {
+            const Vec<PS, kVec> pv = load_vec<PS, kVec>(p + v * kVec);
+            const Vec<AS, kVec> av = load_vec<AS, kVec>(a + v * kVec);
+            Vec<WS, kVec> wv;
+            if constexpr (kHasW) wv = load_vec<WS, kVec>(w + v * kVec);
+            Vec<PS, kVec> gv;
+            if constexpr (MODE == kAccumulate) gv = load_vec<PS, kVec>(g + v * kVec);
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-            const float d = P::load(pv.v[j]) - A::load(av.v[j]);
-            wf[j] = weight_at<W>(wv.v, j);
-            acc += wf[j] * phi<KIND>(d);
-            slope[j] = dphi<KIND>(d);
+            for (int j = 0; j < kVec; ++j) {
+                const float d = P::load(pv.v[j]) - A::load(av.v[j]);
+                float wf = 1.0f;
+                if constexpr (kHasW) wf = W::load(wv.v[j]);
+                acc += wf * penalty_phi<KIND>(d);
+                if constexpr (MODE != kValueOnly) {
+                    const float old = MODE == kAccumulate ? P::load(gv.v[j]) : 0.0f;
+                    gv.v[j] = P::store(penalty_grad<MODE>(old, scale * wf * penalty_dphi<KIND>(d)));
+                }
+            }
+            if constexpr (MODE != kValueOnly) store_vec<PS, kVec>(g + v * kVec, gv);
         }
-        if (with_grad) {
-            Pack<P> gv = reinterpret_cast<const Pack<P>*>(g)[v];
-#pragma unroll
-            for (int j = 0; j < kVec; ++j) gv.v[j] = P::store(P::load(gv.v[j]) + scale * wf[j] * slope[j]);
-            reinterpret_cast<Pack<P>*>(g)[v] = gv;
+#pragma unroll 1
+        for (int64_t i = n_vec * kVec + threadIdx.x; i < n; i += kThreads) {
+            const float d = P::load(load_one(p + i)) - A::load(load_one(a + i));
+            float wf = 1.0f;
+            if constexpr (kHasW) wf = W::load(load_one(w + i));
+            acc += wf * penalty_phi<KIND>(d);
+            if constexpr (MODE != kValueOnly) {
+                const float old = MODE == kAccumulate ? P::load(load_one(g + i)) : 0.0f;
+                store_one(g + i, P::store(penalty_grad<MODE>(old, scale * wf * penalty_dphi<KIND>(d))));
+            }
         }
-    }
-    for (int64_t i = n_vec * kVec + threadIdx.x; i < n; i += kThreads) {
-        const float d = P::load(p[i]) - A::load(a[i]);
-        const float wf = weight_at<W>(w, i);
-        acc += wf * phi<KIND>(d);
-        if (with_grad) g[i] = P::store(P::load(g[i]) + scale * wf * dphi<KIND>(d));
+        total += acc;
     }
 
-    // fixed-shape block reduction: warp shuffles, then the first warp over warp sums
-    __shared__ float warp_sums[kThreads / 32];
+    // fixed-shape block reduction in double: warp shuffles, then the first warp over the warp sums
+    __shared__ double warp_sums[kThreads / 32];
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
-    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = acc;
+    for (int off = 16; off > 0; off >>= 1) total += __shfl_down_sync(0xffffffffu, total, off);
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = total;
     __syncthreads();
     if (threadIdx.x < 32) {
-        float s = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : 0.0f;
+        double s = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : 0.0;
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
-        if (threadIdx.x == 0) partials[table.first_partial + blockIdx.x] = s;
+        if (threadIdx.x == 0) partials[blockIdx.x] = float(s);
     }
 }
 
 // out[0] = factor · Σ partials, summed in double in an order fixed by n alone.
-__global__ void __launch_bounds__(kThreads) sum_partials_kernel(const float* __restrict__ partials, int64_t n, double factor, float* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads) sum_partials_kernel(const float* __restrict__ partials, int n, double factor,
+                                                                float* __restrict__ out) {
     __shared__ double sums[kThreads];
     double s = 0.0;
-    for (int64_t i = threadIdx.x; i < n; i += kThreads) s += partials[i];
+    for (int i = threadIdx.x; i < n; i += kThreads) s += partials[i];
     sums[threadIdx.x] = s;
     __syncthreads();
     for (int width = kThreads / 2; width > 0; width >>= 1) {
@@ -158,117 +210,96 @@ __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const float* __r
     if (threadIdx.x == 0) out[0] = float(factor * sums[0]);
 }
 
-template <class P, class A, class W, int KIND>
-cudaError_t launch_list(int64_t num_tensors, const void* const* params, const void* const* anchors,
-                        const void* const* weights, void* const* grads, const int64_t* sizes,
-                        float scale, float* partials, cudaStream_t stream) {
-    TensorTable table{};
-    int n_tensors = 0, n_blocks = 0;
-    auto launch = [&]() -> cudaError_t {
-        if (n_blocks == 0) return cudaSuccess;
-        penalty_kernel<P, A, W, KIND><<<n_blocks, kThreads, 0, stream>>>(table, partials, scale, grads != nullptr);
-        table.first_partial += n_blocks;
-        n_blocks = 0;
-        return cudaGetLastError();
+using Kernel = void (*)(const int64_t*, int, int64_t, float, float*);
+
+// Resident blocks of `kernel` on `device` (SMs × blocks per SM), computed once per pair.
+cudaError_t resident_blocks(Kernel kernel, int device, int* out) {
+    struct Entry {
+        Kernel kernel;
+        int blocks;
     };
-    for (int64_t t = 0; t < num_tensors; ++t) {
-        if (sizes[t] <= 0) continue;
-        if (n_tensors == kMaxTensors) {
-            if (cudaError_t e = launch(); e != cudaSuccess) return e;
-            n_tensors = 0;
-        }
-        int slot = n_tensors++;
-        table.params[slot] = params[t];
-        table.anchors[slot] = anchors[t];
-        table.weights[slot] = weights ? weights[t] : nullptr;
-        table.grads[slot] = grads ? grads[t] : nullptr;
-        table.sizes[slot] = sizes[t];
-        const int64_t chunks = (sizes[t] + kChunk - 1) / kChunk;
-        for (int64_t c = 0; c < chunks; ++c) {
-            table.block_tensor[n_blocks] = static_cast<unsigned char>(slot);
-            table.block_chunk[n_blocks] = static_cast<int>(c);
-            if (++n_blocks < kMaxBlocks) continue;
-            if (cudaError_t e = launch(); e != cudaSuccess) return e;
-            n_tensors = 0;
-            if (c + 1 < chunks) {  // the rest of this tensor goes on in slot 0 of the next launch
-                table.params[0] = table.params[slot];
-                table.anchors[0] = table.anchors[slot];
-                table.weights[0] = table.weights[slot];
-                table.grads[0] = table.grads[slot];
-                table.sizes[0] = table.sizes[slot];
-                slot = 0;
-                n_tensors = 1;
-            }
-        }
-    }
-    return launch();
+    static std::mutex mutex;
+    static Entry cache[kMaxDevices][128];
+    static int used[kMaxDevices];
+    if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+    std::lock_guard<std::mutex> lock(mutex);
+    for (int i = 0; i < used[device]; ++i)
+        if (cache[device][i].kernel == kernel) return (*out = cache[device][i].blocks), cudaSuccess;
+    int sms = 0, per_sm = 0;
+    if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) return e;
+    if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0); e != cudaSuccess) return e;
+    per_sm = per_sm < 1 ? 1 : (per_sm > kMaxBlocksPerSM ? kMaxBlocksPerSM : per_sm);
+    *out = sms * per_sm;
+    if (used[device] < 128) cache[device][used[device]++] = {kernel, *out};
+    return cudaSuccess;
 }
 
-using LaunchFn = cudaError_t (*)(int64_t, const void* const*, const void* const*, const void* const*,
-                                 void* const*, const int64_t*, float, float*, cudaStream_t);
-
 template <class P, class A, class W>
-LaunchFn pick_kind(int kind) {
-    return kind == kQuadratic ? launch_list<P, A, W, kQuadratic> : launch_list<P, A, W, kL1>;
+Kernel pick_mode(int kind, int mode) {
+    const bool quad = kind == kQuadratic;
+    switch (mode) {
+        case kValueOnly: return quad ? penalty_kernel<P, A, W, kQuadratic, kValueOnly> : penalty_kernel<P, A, W, kL1, kValueOnly>;
+        case kAccumulate: return quad ? penalty_kernel<P, A, W, kQuadratic, kAccumulate> : penalty_kernel<P, A, W, kL1, kAccumulate>;
+        case kStore: return quad ? penalty_kernel<P, A, W, kQuadratic, kStore> : penalty_kernel<P, A, W, kL1, kStore>;
+    }
+    return nullptr;
 }
 
 template <class P, class A>
-LaunchFn pick_weight(int weight_dtype, int kind) {
+Kernel pick_weight(int weight_dtype, int kind, int mode) {
     switch (weight_dtype) {
-        case -1: return pick_kind<P, A, NoW>(kind);
-        case 0: return pick_kind<P, A, F32>(kind);
-        case 1: return pick_kind<P, A, BF16>(kind);
+        case kNone: return pick_mode<P, A, NoW>(kind, mode);
+        case kFloat32: return pick_mode<P, A, F32>(kind, mode);
+        case kBFloat16: return pick_mode<P, A, BF16>(kind, mode);
     }
     return nullptr;
 }
 
 template <class P>
-LaunchFn pick_anchor(int anchor_dtype, int weight_dtype, int kind) {
+Kernel pick_anchor(int anchor_dtype, int weight_dtype, int kind, int mode) {
     switch (anchor_dtype) {
-        case 0: return pick_weight<P, F32>(weight_dtype, kind);
-        case 1: return pick_weight<P, BF16>(weight_dtype, kind);
+        case kFloat32: return pick_weight<P, F32>(weight_dtype, kind, mode);
+        case kBFloat16: return pick_weight<P, BF16>(weight_dtype, kind, mode);
     }
     return nullptr;
 }
 
-LaunchFn pick(int param_dtype, int anchor_dtype, int weight_dtype, int kind) {
+Kernel pick(int param_dtype, int anchor_dtype, int weight_dtype, int kind, int mode) {
     if (kind != kQuadratic && kind != kL1) return nullptr;
     switch (param_dtype) {
-        case 0: return pick_anchor<F32>(anchor_dtype, weight_dtype, kind);
-        case 1: return pick_anchor<BF16>(anchor_dtype, weight_dtype, kind);
-        case 2: return pick_anchor<F16>(anchor_dtype, weight_dtype, kind);
+        case kFloat32: return pick_anchor<F32>(anchor_dtype, weight_dtype, kind, mode);
+        case kBFloat16: return pick_anchor<BF16>(anchor_dtype, weight_dtype, kind, mode);
+        case kFloat16: return pick_anchor<F16>(anchor_dtype, weight_dtype, kind, mode);
     }
     return nullptr;
 }
 
 }  // namespace
 
-extern "C" int64_t fastcl_cuda_penalty_num_partials(int64_t num_tensors, const int64_t* sizes) {
-    int64_t n = 0;
-    for (int64_t t = 0; t < num_tensors; ++t) n += sizes[t] > 0 ? (sizes[t] + kChunk - 1) / kChunk : 0;
-    return n;
-}
+extern "C" int64_t fastcl_cuda_penalty_max_partials(int num_sms) { return int64_t(num_sms) * kMaxBlocksPerSM; }
 
-extern "C" int fastcl_cuda_penalty(int64_t num_tensors, const void* const* params, const void* const* anchors,
-                                   const void* const* weights, void* const* grads, const int64_t* sizes,
-                                   int param_dtype, int anchor_dtype, int weight_dtype, int kind, double scale,
-                                   float* partials, int64_t num_partials, float* out, int device, void* stream) {
-    if (weights == nullptr) weight_dtype = -1;
-    if (weight_dtype == -1) weights = nullptr;
-    const LaunchFn fn = pick(param_dtype, anchor_dtype, weight_dtype, kind);
-    if (fn == nullptr) return int(cudaErrorInvalidValue);
-    if (num_partials != fastcl_cuda_penalty_num_partials(num_tensors, sizes)) return int(cudaErrorInvalidValue);
-    for (int64_t t = 0; t < num_tensors; ++t)
-        if (sizes[t] > int64_t(kChunk) * 0x7FFFFFFF) return int(cudaErrorInvalidValue);
+extern "C" int fastcl_cuda_penalty(const int64_t* table, int64_t num_tensors, int64_t num_chunks, int param_dtype,
+                                   int anchor_dtype, int weight_dtype, int kind, int grad_mode, double scale,
+                                   float* partials, int64_t max_partials, float* out, int device, void* stream) {
+    const Kernel kernel = pick(param_dtype, anchor_dtype, weight_dtype, kind, grad_mode);
+    if (kernel == nullptr || num_tensors < 1 || num_tensors > 0x7FFFFFFF || num_chunks < 0) return int(cudaErrorInvalidValue);
     int previous = -1;
     if (cudaError_t e = cudaGetDevice(&previous); e != cudaSuccess) return int(e);
     if (cudaError_t e = cudaSetDevice(device); e != cudaSuccess) return int(e);
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    cudaError_t e = fn(num_tensors, params, anchors, weights, grads, sizes, float(scale), partials, s);
+    int resident = 0;
+    cudaError_t e = resident_blocks(kernel, device, &resident);
+    if (e == cudaSuccess && resident > max_partials) e = cudaErrorInvalidValue;  // partials buffer too small
     if (e == cudaSuccess) {
-        const double factor = (kind == kQuadratic ? 0.5 : 1.0) * scale;
-        sum_partials_kernel<<<1, kThreads, 0, s>>>(partials, num_partials, factor, out);
-        e = cudaGetLastError();
+        const int grid = int(num_chunks < resident ? num_chunks : resident);
+        if (grid > 0) {
+            kernel<<<grid, kThreads, 0, s>>>(table, int(num_tensors), num_chunks, float(scale), partials);
+            e = cudaGetLastError();
+        }
+        if (e == cudaSuccess) {
+            sum_partials_kernel<<<1, kThreads, 0, s>>>(partials, grid, penalty_value_factor(kind, scale), out);
+            e = cudaGetLastError();
+        }
     }
     if (previous != device) cudaSetDevice(previous);
     return int(e);
@@ -277,6 +308,11 @@ extern "C" int fastcl_cuda_penalty(int64_t num_tensors, const void* const* param
 extern "C" int fastcl_cuda_device_count(int* count) {
     *count = 0;
     return int(cudaGetDeviceCount(count));
+}
+
+extern "C" int fastcl_cuda_multiprocessor_count(int device, int* count) {
+    *count = 0;
+    return int(cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device));
 }
 
 extern "C" const char* fastcl_cuda_error_string(int code) {

@@ -1,9 +1,11 @@
 """The raw-pointer interface shared by the compiled kernels (fastcl._C, fastcl._cuda).
 
 Those kernels trust every address and size they are given, so a wrong list would corrupt
-memory instead of raising. :func:`fastcl.ops.penalty` already guarantees all of this;
-these checks keep direct callers of the backend modules safe too. The codes are those of
-``csrc/cpu/kernels.h`` and ``csrc/cuda/kernels.h``.
+memory instead of raising. Direct callers of the backend modules get every tensor checked
+here. :func:`fastcl.ops.penalty` validates its lists itself (once per distinct list, see
+its module docstring) and hands them over as :class:`CheckedTensors`, which carry the
+addresses it computed: the wrappers then skip the checks. The integer codes are those of
+``csrc/common/codes.h`` (a test compares the two).
 """
 from __future__ import annotations
 
@@ -11,18 +13,48 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["DTYPE_CODES", "STORAGE_CODES", "KIND_CODES", "check_tensor", "check_list", "float64_storage", "penalty_arguments"]
+__all__ = [
+    "DTYPE_CODES",
+    "STORAGE_CODES",
+    "KIND_CODES",
+    "GRAD_MODES",
+    "NO_WEIGHTS",
+    "CheckedTensors",
+    "check_tensor",
+    "check_list",
+    "penalty_arguments",
+]
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # θ and grad
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # θ, grads, logits
 STORAGE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # anchors and weights
 KIND_CODES = {"quadratic": 0, "l1": 1}
+GRAD_MODES = {"value": 0, "accumulate": 1, "store": 2}
 NO_WEIGHTS = -1
 
 
+class CheckedTensors(list):
+    """A list of tensors that :mod:`fastcl.ops` has validated, with their ``data_ptr()``\\ s.
+
+    Built only by the ops layer, right before it calls a kernel: every tensor is
+    contiguous (or a flat view of a dense one), on the group's device, of one dtype, with
+    the element counts of ``sizes`` (the params list's), and the grads among them do not
+    overlap anything. ``addresses[i]`` is ``self[i].data_ptr()``.
+    """
+
+    __slots__ = ("addresses", "sizes")
+
+    def __init__(self, tensors: Iterable[torch.Tensor], addresses: Sequence[int], sizes: Sequence[int]):
+        super().__init__(tensors)
+        self.addresses = addresses
+        self.sizes = sizes
+
+
 def check_tensor(label: str, t: torch.Tensor, device: torch.device, backend: str) -> None:
-    """``t`` is a contiguous tensor on ``device`` (device type only, for ``cpu``)."""
+    """``t`` is a dense, contiguous tensor on ``device`` (device type only, for ``cpu``)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{label} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{label} is a {t.layout} tensor; the {backend} backend needs dense (strided) tensors")
     if t.device != device if device.type != "cpu" else t.device.type != "cpu":
         raise ValueError(f"{label} is on {t.device}; the {backend} backend needs every tensor on {device}")
     if not t.is_contiguous():
@@ -53,32 +85,41 @@ def check_list(
     return dtype
 
 
-def float64_storage(anchors, weights) -> bool:
-    """Anchors or weights in float64 (allowed beside float32 θ): the kernels leave those to the reference."""
-    return any(seq is not None and seq and seq[0].dtype == torch.float64 for seq in (anchors, weights))
+def _checked(*lists) -> bool:
+    return all(seq is None or type(seq) is CheckedTensors for seq in lists)
 
 
-def penalty_arguments(params, anchors, weights, grads, kind: str, device: torch.device, backend: str) -> tuple:
-    """Validate and return the kernels' leading arguments.
+def penalty_arguments(params, anchors, weights, grads, kind: str, store: bool, device: torch.device, backend: str) -> tuple:
+    """The kernels' leading arguments, from checked lists or after checking every tensor.
 
     ``(param_ptrs, anchor_ptrs, weight_ptrs, grad_ptrs, sizes, param_code, anchor_code,
-    weight_code, kind_code)``; empty weight/grad lists mean "unweighted"/"value only".
+    weight_code, kind_code, grad_mode)``; empty weight/grad address lists mean
+    "unweighted"/"value only". ``store`` needs ``grads``.
     """
     if kind not in KIND_CODES:
         raise ValueError(f"kind must be one of {tuple(KIND_CODES)}, got {kind!r}")
-    p_dtype = check_list("params", params, params, device, DTYPE_CODES, backend)
-    a_dtype = check_list("anchors", anchors, params, device, STORAGE_CODES, backend)
-    w_dtype = None if weights is None else check_list("weights", weights, params, device, STORAGE_CODES, backend)
-    if grads is not None:
-        check_list("grads", grads, params, device, (p_dtype,), backend)
+    if store and grads is None:
+        raise ValueError("store=True needs grads (the tensors the gradient is stored into)")
+    if _checked(params, anchors, weights, grads):
+        p_dtype, a_dtype = params[0].dtype, anchors[0].dtype
+        w_dtype = None if weights is None else weights[0].dtype
+        sizes = params.sizes
+    else:
+        p_dtype = check_list("params", params, params, device, DTYPE_CODES, backend)
+        a_dtype = check_list("anchors", anchors, params, device, STORAGE_CODES, backend)
+        w_dtype = None if weights is None else check_list("weights", weights, params, device, STORAGE_CODES, backend)
+        if grads is not None:
+            check_list("grads", grads, params, device, (p_dtype,), backend)
+        sizes = [p.numel() for p in params]
+    addresses = [seq.addresses if type(seq) is CheckedTensors else [t.data_ptr() for t in seq]
+                 for seq in (params, anchors, weights or (), grads or ())]
+    mode = GRAD_MODES["value" if grads is None else "store" if store else "accumulate"]
     return (
-        [p.data_ptr() for p in params],
-        [a.data_ptr() for a in anchors],
-        [] if weights is None else [w.data_ptr() for w in weights],
-        [] if grads is None else [g.data_ptr() for g in grads],
-        [p.numel() for p in params],
+        *addresses,
+        sizes,
         DTYPE_CODES[p_dtype],
         STORAGE_CODES[a_dtype],
         NO_WEIGHTS if w_dtype is None else STORAGE_CODES[w_dtype],
         KIND_CODES[kind],
+        mode,
     )

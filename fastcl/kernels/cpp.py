@@ -1,9 +1,10 @@
 r"""The ``cpp`` backend: CPU kernels of the compiled extension ``fastcl._C`` (C++/OpenMP).
 
 * ``penalty``: ``value = s·Σ_t Σ_k w·φ(θ−a)`` and, with grads, ``grad_t += s·w·φ'(θ−a)``
-  (φ = d²/2 or |d|), every tensor of the list in one call and one pass over memory.
-  Work is cut into fixed chunks of 64K elements spanning all tensors; chunk partial
-  sums are added in chunk order, so the value is bitwise the same for any thread count.
+  (``store=True``: ``grad_t = s·w·φ'(θ−a)``, grads not read), φ = d²/2 or |d|, every
+  tensor of the list in one call and one pass over memory. Work is cut into fixed chunks
+  of 64K elements spanning all tensors; chunk partial sums are added in chunk order, so
+  the value is bitwise the same for any thread count.
 * ``distill``: per row ``T²·KL(softmax(t/T) ‖ softmax(s/T))`` and ``grad_scale·T·(softmax(s/T) −
   softmax(t/T))``, rows split over threads, in the ISA variant (baseline, AVX2, AVX-512)
   chosen for this CPU at run time.
@@ -27,7 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from .._validate import check_real
-from ._checks import DTYPE_CODES, check_tensor, float64_storage, penalty_arguments
+from ._checks import DTYPE_CODES, check_tensor, penalty_arguments
 
 try:
     from .. import _C
@@ -42,7 +43,6 @@ else:
 
 __all__ = ["BUILD_ERROR", "OPS", "distill", "penalty", "sqgrad", "unavailable_reason", "unsupported_reason"]
 
-# dtype codes of csrc/cpu/dtypes.h
 _CPU = torch.device("cpu")
 
 
@@ -53,22 +53,21 @@ def penalty(
     scale: float,
     kind: str,
     grads: Sequence[torch.Tensor] | None,
+    *,
+    store: bool = False,
 ) -> torch.Tensor:
-    """``s·Σ w·φ(θ−a)`` as a 0-dim float32 tensor; with ``grads``, ``grads[t] += s·w·φ'(θ−a)``.
+    """``s·Σ w·φ(θ−a)`` as a 0-dim float32 tensor; with ``grads``, ``grads[t] += s·w·φ'(θ−a)``
+    (``store=True``: ``grads[t] = s·w·φ'(θ−a)``).
 
     Called by :func:`fastcl.ops.penalty` (signature and guarantees in its module
-    docstring). Anchors or weights stored in float64 take the reference path.
+    docstring); direct callers get every tensor checked. Anchors and weights in float32
+    or bfloat16 (the ops layer sends float64 ones to the torch backend).
     """
     if _C is None:
         raise RuntimeError(BUILD_ERROR)
-    params = list(params)
     if not params:
         return torch.zeros((), dtype=torch.float32)
-    if float64_storage(anchors, weights):
-        from ..ops.penalty import penalty_reference
-
-        return penalty_reference(params, anchors, weights, scale, kind, grads)
-    args = penalty_arguments(params, anchors, weights, grads, kind, _CPU, "cpp")
+    args = penalty_arguments(params, anchors, weights, grads, kind, store, _CPU, "cpp")
     value = _C.penalty(*args, float(scale), torch.get_num_threads())
     return torch.tensor(value, dtype=torch.float32)
 

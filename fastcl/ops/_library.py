@@ -4,6 +4,17 @@ Inside a compiled region the ops are opaque custom ops with fake (meta) implemen
 in eager mode the public functions call the kernels directly, because the custom-op
 dispatcher costs a few microseconds per tensor in a tensor list — about a millisecond
 for a 200-tensor penalty, which is the hot path this package exists to make fast.
+
+Rules for an op registered here (each is tested with ``torch.library.opcheck`` in
+``tests/ops/test_library.py``, which takes the ops from :data:`REGISTERED`):
+
+* a mutable ``Tensor[]`` argument is never empty: inductor cannot functionalise an empty
+  mutable list, so an op that may have nothing to write is registered twice, once
+  without the list (see the penalty's value-only op);
+* ``None`` for an optional list of tensors is passed as ``[]`` (custom ops have no
+  ``Tensor[]?`` type);
+* an op that returns fresh tensors (rather than writing the caller's) is functional:
+  ``mutates_args=()``, which inductor handles best.
 """
 from __future__ import annotations
 
@@ -11,7 +22,10 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["compiling", "register"]
+__all__ = ["REGISTERED", "compiling", "register"]
+
+#: ``{qualname: op}`` of every op registered by :func:`register`.
+REGISTERED: dict[str, Callable] = {}
 
 
 def compiling() -> bool:
@@ -28,4 +42,5 @@ def register(qualname: str, impl: Callable, fake: Callable, mutates_args: tuple[
         return None
     op = custom_op(qualname, impl, mutates_args=mutates_args)
     op.register_fake(fake)
+    REGISTERED[qualname] = op
     return op

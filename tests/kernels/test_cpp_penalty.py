@@ -1,24 +1,37 @@
 """The cpp penalty kernel (fastcl._C) against float64 formulas, directly and through fastcl.ops.penalty.
 
-value = s·Σ w·φ(θ−a), grads += s·w·φ'(θ−a), φ = d²/2 (quadratic) or |d| (l1).
-Skipped when fastcl._C is not built, except ``test_extension_is_built`` under
-FASTCL_REQUIRE_CPP=1 (CI), so a broken build cannot hide behind the skips.
+value = s·Σ w·φ(θ−a), grads += s·w·φ'(θ−a) (store mode: grads = s·w·φ'(θ−a)),
+φ = d²/2 (quadratic) or |d| (l1). Skipped when fastcl._C is not built, except
+``test_extension_is_built`` under FASTCL_REQUIRE_CPP=1 (CI), so a broken build cannot
+hide behind the skips.
 """
 import os
-import zlib
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from fastcl.kernels import cpp
-from fastcl.ops import penalty, use_backend
+from fastcl.kernels import _checks, cpp
+from fastcl.ops import BackendUnavailableError, penalty, use_backend
 
-from ._penalty_oracle import expected
+from ._penalty_oracle import assert_grads_close, expected, make_inputs, seed_of
 
 needs_ext = pytest.mark.skipif(cpp._C is None, reason=f"fastcl._C not built: {cpp.BUILD_ERROR}")
 
 ODD_SIZES = [(1,), (7,), (65537,), (200003,)]
-GRAD_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2**-8, 1e-6), torch.float16: (2**-10, 1e-6)}  # (rtol, atol)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_python_codes_match_csrc_common():
+    """fastcl/kernels/_checks.py and csrc/common/codes.h agree on every integer code."""
+    text = (ROOT / "csrc/common/codes.h").read_text()
+    code = {name: int(value) for name, value in re.findall(r"\b(k\w+) = (-?\d+)", text)}
+    assert {dtype: code[name] for dtype, name in ((torch.float32, "kFloat32"), (torch.bfloat16, "kBFloat16"),
+                                                 (torch.float16, "kFloat16"))} == _checks.DTYPE_CODES
+    assert _checks.NO_WEIGHTS == code["kNone"]
+    assert _checks.KIND_CODES == {"quadratic": code["kQuadratic"], "l1": code["kL1"]}
+    assert _checks.GRAD_MODES == {"value": code["kValueOnly"], "accumulate": code["kAccumulate"], "store": code["kStore"]}
 
 
 def test_extension_is_built():
@@ -31,20 +44,7 @@ def test_extension_is_built():
     assert cpp.unavailable_reason("meta") is not None
 
 
-def make(shapes, dtype, storage, weighted, seed):
-    g = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=g).to(dtype) for s in shapes]
-    anchors = [(p.float() + 0.5 * torch.randn(s, generator=g)).to(storage) for p, s in zip(params, shapes)]
-    weights = [torch.rand(s, generator=g).to(storage) for s in shapes] if weighted else None
-    grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
-    return params, anchors, weights, grads
-
-
-def assert_grads_close(got, want, dtype):
-    rtol, atol = GRAD_TOL[dtype]
-    for g, w in zip(got, want):
-        assert g.dtype == dtype
-        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol)
+make = make_inputs
 
 
 @needs_ext
@@ -52,12 +52,14 @@ def assert_grads_close(got, want, dtype):
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("weighted", [True, False])
 @pytest.mark.parametrize("kind", ["quadratic", "l1"])
-def test_kernel_matches_float64(dtype, storage, weighted, kind):
-    seed = zlib.crc32(repr((dtype, storage, weighted, kind)).encode())
-    params, anchors, weights, start = make(ODD_SIZES, dtype, storage, weighted, seed)
+@pytest.mark.parametrize("store", [False, True])
+def test_kernel_matches_float64(dtype, storage, weighted, kind, store):
+    params, anchors, weights, start = make(ODD_SIZES, dtype, storage, weighted, seed_of(dtype, storage, weighted, kind))
     grads = [g.clone() for g in start]
-    value = cpp.penalty(params, anchors, weights, 0.37, kind, grads)
-    want_value, want_grads = expected(params, anchors, weights, 0.37, kind, start)
+    if store:  # garbage (NaN) in: store mode must never read it
+        grads = [torch.full_like(g, float("nan")) for g in start]
+    value = cpp.penalty(params, anchors, weights, 0.37, kind, grads, store=store)
+    want_value, want_grads = expected(params, anchors, weights, 0.37, kind, start, store=store)
     assert value.dtype == torch.float32 and value.dim() == 0
     assert value.item() == pytest.approx(want_value, rel=1e-4)
     assert_grads_close(grads, want_grads, dtype)
@@ -104,7 +106,8 @@ def test_many_tensors_one_call():
 
 @needs_ext
 @pytest.mark.parametrize("kind", ["quadratic", "l1"])
-def test_value_is_bitwise_independent_of_thread_count(kind):
+@pytest.mark.parametrize("store", [False, True])
+def test_value_is_bitwise_independent_of_thread_count(kind, store):
     params, anchors, weights, start = make([(150001,), (3,), (65536,), (131073,)], torch.float32, torch.float32, True, seed=8)
     saved = torch.get_num_threads()
     results = []
@@ -112,7 +115,7 @@ def test_value_is_bitwise_independent_of_thread_count(kind):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             grads = [s.clone() for s in start]
-            results.append((cpp.penalty(params, anchors, weights, 0.9, kind, grads), grads))
+            results.append((cpp.penalty(params, anchors, weights, 0.9, kind, grads, store=store), grads))
     finally:
         torch.set_num_threads(saved)
     (v1, g1), (v2, g2) = results
@@ -159,10 +162,16 @@ def test_empty_lists_and_empty_tensors():
 
 
 @needs_ext
-def test_float64_storage_takes_reference_path():
+def test_float64_storage_goes_to_the_torch_backend():
+    """The kernel refuses float64 anchors; the op sends them to the reference, and a forced cpp says why not."""
     params, anchors, weights, start = make([(9,), (70000,)], torch.float32, torch.float64, True, seed=12)
     grads = [s.clone() for s in start]
-    value = cpp.penalty(params, anchors, weights, 0.8, "l1", grads)
+    with pytest.raises(TypeError, match="anchors"):
+        cpp.penalty(params, anchors, weights, 0.8, "l1", grads)
+    with use_backend("cpp"), pytest.raises(BackendUnavailableError, match="float64"):
+        penalty(params, anchors, weights, scale=0.8, kind="l1", grads=grads)
+    assert all(torch.equal(g, s) for g, s in zip(grads, start))
+    value = penalty(params, anchors, weights, scale=0.8, kind="l1", grads=grads)
     want_value, want_grads = expected(params, anchors, weights, 0.8, "l1", start)
     assert value.item() == pytest.approx(want_value, rel=1e-4)
     assert_grads_close(grads, want_grads, torch.float32)
@@ -181,3 +190,7 @@ def test_rejects_bad_arguments():
         cpp.penalty([p], [a], None, 1.0, "huber", None)
     with pytest.raises(TypeError, match="params"):
         cpp.penalty([p.double()], [a], None, 1.0, "quadratic", None)
+    with pytest.raises(ValueError, match="store"):
+        cpp.penalty([p], [a], None, 1.0, "quadratic", None, store=True)
+    with pytest.raises(TypeError, match="sparse|strided"):
+        cpp.penalty([p], [a], None, 1.0, "quadratic", [torch.zeros(4, 4).to_sparse()])
