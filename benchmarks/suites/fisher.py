@@ -35,6 +35,8 @@ import fastcl
 from fastcl.importance import diagonal_fisher
 from fastcl.ops import use_backend
 
+INSTALL_PEERS = ('pip install -c requirements/torch-cpu.txt -e ".[bench]" && '
+                 "pip install -c requirements/torch-cpu.txt --no-deps backpack-for-pytorch")
 OP = "fisher"
 FASTCL_OP = "sqgrad"
 
@@ -105,7 +107,7 @@ def baseline_fn(name: str, model, batches, loss: Loss = CROSS_ENTROPY) -> Callab
     except Exception as exc:  # noqa: BLE001 - a factory that breaks on this model is a skipped row
         raise Unavailable(f"{type(exc).__name__}: {exc}".splitlines()[0][:300]) from exc
     if run is None:
-        raise Unavailable(f"{name} not importable")
+        raise Unavailable(f"{name} not importable: {INSTALL_PEERS}")
     return partial(run, batches)
 
 
