@@ -77,12 +77,12 @@ def grad_bound(want: torch.Tensor, mag: torch.Tensor, dtype: torch.dtype, roundi
 # ---------------------------------------------------------------------------- oracles
 
 
-def penalty_expected(param, anchor, weight, grad_before, *, scale: float, kind: str):
+def penalty_expected(param, anchor, weight, grad_before, *, scale: float, form: str):
     """float64 ``(value, grad after, |step|)`` of one tensor: ``value = s·Σ w·φ(θ−a)``,
     ``grad after = grad_before + s·w·φ'(θ−a)`` (``None`` without ``grad_before``)."""
     weights = None if weight is None else [weight.to(F64)]
     grads = None if grad_before is None else [grad_before.to(F64)]  # a fresh float64 copy: the reference adds into it
-    value = penalty_reference([param.detach().to(F64)], [anchor.to(F64)], weights, scale, kind, grads)
+    value = penalty_reference([param.detach().to(F64)], [anchor.to(F64)], weights, scale, form, grads)
     if grads is None:
         return value, None, None
     return value, grads[0], (grads[0] - grad_before.to(F64)).abs()

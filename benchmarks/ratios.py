@@ -46,7 +46,7 @@ OPS = {
 class Ratio:
     op: str                                   # a key of OPS
     baseline: str                             # the baseline row's impl
-    kind: str                                 # "time" | "bw" | "mem" (module docstring)
+    measure: str                                 # "time" | "bw" | "mem" (module docstring)
     meaning: str
     target: tuple[str, float] | None = None   # (">=" or "<=", value): a required ratio
     case: str | None = None                   # a fixed case instead of the op's headline case
@@ -151,7 +151,7 @@ def compute_ratios(rows: list[dict], *, headline: Callable[[str], str], default_
             info["reason"] = "missing row: " + ", ".join(x for x, r in (("fastcl", fast), (spec.baseline, base)) if r is None)
             continue
         info["fastcl_impl"] = fast["impl"]
-        if spec.kind in ("time", "bw"):
+        if spec.measure in ("time", "bw"):
             value = base["ms_median"] / fast["ms_median"] if fast["ms_median"] > 0 else None
         else:
             value = fast["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else None

@@ -16,7 +16,7 @@ import torch
 __all__ = [
     "DTYPE_CODES",
     "STORAGE_CODES",
-    "KIND_CODES",
+    "FORM_CODES",
     "GRAD_MODES",
     "NO_WEIGHTS",
     "CheckedTensors",
@@ -27,7 +27,7 @@ __all__ = [
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # θ, grads, logits
 STORAGE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # anchors and weights
-KIND_CODES = {"quadratic": 0, "l1": 1}
+FORM_CODES = {"quadratic": 0, "l1": 1}
 GRAD_MODES = {"value": 0, "accumulate": 1, "store": 2}
 NO_WEIGHTS = -1
 
@@ -89,15 +89,15 @@ def _checked(*lists) -> bool:
     return all(seq is None or type(seq) is CheckedTensors for seq in lists)
 
 
-def penalty_arguments(params, anchors, weights, grads, kind: str, store: bool, device: torch.device, backend: str) -> tuple:
+def penalty_arguments(params, anchors, weights, grads, form: str, store: bool, device: torch.device, backend: str) -> tuple:
     """The kernels' leading arguments, from checked lists or after checking every tensor.
 
     ``(param_ptrs, anchor_ptrs, weight_ptrs, grad_ptrs, sizes, param_code, anchor_code,
-    weight_code, kind_code, grad_mode)``; empty weight/grad address lists mean
+    weight_code, form_code, grad_mode)``; empty weight/grad address lists mean
     "unweighted"/"value only". ``store`` needs ``grads``.
     """
-    if kind not in KIND_CODES:
-        raise ValueError(f"kind must be one of {tuple(KIND_CODES)}, got {kind!r}")
+    if form not in FORM_CODES:
+        raise ValueError(f"form must be one of {tuple(FORM_CODES)}, got {form!r}")
     if store and grads is None:
         raise ValueError("store=True needs grads (the tensors the gradient is stored into)")
     if _checked(params, anchors, weights, grads):
@@ -120,6 +120,6 @@ def penalty_arguments(params, anchors, weights, grads, kind: str, store: bool, d
         DTYPE_CODES[p_dtype],
         STORAGE_CODES[a_dtype],
         NO_WEIGHTS if w_dtype is None else STORAGE_CODES[w_dtype],
-        KIND_CODES[kind],
+        FORM_CODES[form],
         mode,
     )

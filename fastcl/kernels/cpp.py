@@ -51,7 +51,7 @@ def penalty(
     anchors: Sequence[torch.Tensor],
     weights: Sequence[torch.Tensor] | None,
     scale: float,
-    kind: str,
+    form: str,
     grads: Sequence[torch.Tensor] | None,
     *,
     store: bool = False,
@@ -67,7 +67,7 @@ def penalty(
         raise RuntimeError(BUILD_ERROR)
     if not params:
         return torch.zeros((), dtype=torch.float32)
-    args = penalty_arguments(params, anchors, weights, grads, kind, store, _CPU, "cpp")
+    args = penalty_arguments(params, anchors, weights, grads, form, store, _CPU, "cpp")
     value = _C.penalty(*args, float(scale), torch.get_num_threads())
     return torch.tensor(value, dtype=torch.float32)
 

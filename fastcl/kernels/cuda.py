@@ -90,7 +90,7 @@ def penalty(
     anchors: Sequence[torch.Tensor],
     weights: Sequence[torch.Tensor] | None,
     scale: float,
-    kind: str,
+    form: str,
     grads: Sequence[torch.Tensor] | None,
     *,
     store: bool = False,
@@ -110,14 +110,14 @@ def penalty(
     device = params[0].device
     if device.type != "cuda":
         raise ValueError(f"params[0] must be a CUDA tensor for the cuda backend, got {device}")
-    *addresses, sizes, p_code, a_code, w_code, kind_code, mode = penalty_arguments(
-        params, anchors, weights, grads, kind, store, device, "cuda")
+    *addresses, sizes, p_code, a_code, w_code, form_code, mode = penalty_arguments(
+        params, anchors, weights, grads, form, store, device, "cuda")
     stream = torch.cuda.current_stream(device).cuda_stream
     table, n_chunks = _device_table(addresses, sizes, device, stream)
     max_partials = _max_partials(device.index)
     scratch = torch.empty(max_partials + 1, dtype=torch.float32, device=device)
     _cuda.penalty(
-        table.data_ptr(), len(sizes), n_chunks, p_code, a_code, w_code, kind_code, mode, float(scale),
+        table.data_ptr(), len(sizes), n_chunks, p_code, a_code, w_code, form_code, mode, float(scale),
         scratch.data_ptr(), max_partials, scratch.data_ptr() + 4 * max_partials, device.index, stream,
     )
     return scratch[max_partials]

@@ -22,13 +22,13 @@ def seed_of(*parts) -> int:
     return zlib.crc32(repr(parts).encode())
 
 
-def expected(params, anchors, weights, scale, kind, grads, *, store=False):
+def expected(params, anchors, weights, scale, form, grads, *, store=False):
     """float64: (value, new grads): ``grads + s·w·φ'(θ−a)``, or ``s·w·φ'(θ−a)`` with ``store``."""
     value, new_grads = 0.0, []
     for i, p in enumerate(params):
         d = p.double() - anchors[i].double()
         w = torch.ones_like(d) if weights is None else weights[i].double()
-        phi, slope = (d * d / 2, d) if kind == "quadratic" else (d.abs(), d.sign())
+        phi, slope = (d * d / 2, d) if form == "quadratic" else (d.abs(), d.sign())
         value += (w * phi).sum().item()
         step = scale * w * slope
         new_grads.append(None if grads is None else step if store else grads[i].double() + step)

@@ -99,7 +99,7 @@ def test_penalty_kernels_do_not_spill(cuda_build, arch):
     report = cuda_build[1]
     usage = re.findall(rf"entry function '(\w+)' for 'sm_{arch}'\n.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
                        r"(\d+) bytes spill loads", report, re.S)
-    assert len(usage) == 108 + 1, report[-2000:]  # θ 3 × anchor 2 × weight 3 × kind 2 × mode 3, and the reduction
+    assert len(usage) == 108 + 1, report[-2000:]  # θ 3 × anchor 2 × weight 3 × form 2 × mode 3, and the reduction
     assert [u for u in usage if u[1:] != ("0", "0", "0")] == []
 
 
@@ -140,14 +140,14 @@ def make(shapes, dtype, storage, weighted, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("weighted", [True, False])
-@pytest.mark.parametrize("kind", ["quadratic", "l1"])
+@pytest.mark.parametrize("form", ["quadratic", "l1"])
 @pytest.mark.parametrize("store", [False, True])
-def test_cuda_penalty_matches_float64(dtype, storage, weighted, kind, store):
+def test_cuda_penalty_matches_float64(dtype, storage, weighted, form, store):
     shapes = [(1,), (7,), (65537,), (200003,), (3, 5, 7)]
-    params, anchors, weights, start = make(shapes, dtype, storage, weighted, seed_of(dtype, storage, weighted, kind))
+    params, anchors, weights, start = make(shapes, dtype, storage, weighted, seed_of(dtype, storage, weighted, form))
     grads = [torch.full_like(g, float("nan")) for g in start] if store else [g.clone() for g in start]
-    value = cuda_backend.penalty(params, anchors, weights, 0.37, kind, grads, store=store)
-    want_value, want_grads = expected(params, anchors, weights, 0.37, kind, start, store=store)
+    value = cuda_backend.penalty(params, anchors, weights, 0.37, form, grads, store=store)
+    want_value, want_grads = expected(params, anchors, weights, 0.37, form, start, store=store)
     assert value.device == params[0].device and value.dtype == torch.float32
     assert value.item() == pytest.approx(want_value, rel=1e-4)
     assert_grads_close(grads, want_grads, dtype)
@@ -181,9 +181,9 @@ def test_public_op_uses_cuda_backend_and_autograd():
     params, anchors, weights, start = make([(33, 17), (1001,)], torch.bfloat16, torch.bfloat16, True, seed=6)
     grads = [s.clone() for s in start]
     with use_backend("cuda"):
-        value = penalty(params, anchors, weights, scale=1.5, kind="l1", grads=grads)
+        value = penalty(params, anchors, weights, scale=1.5, form="l1", grads=grads)
         leaves = [p.clone().requires_grad_() for p in params]
-        (2.0 * anchored_penalty(leaves, anchors, weights, scale=1.5, kind="l1")).backward()
+        (2.0 * anchored_penalty(leaves, anchors, weights, scale=1.5, form="l1")).backward()
     want_value, want_grads = expected(params, anchors, weights, 1.5, "l1", start)
     assert value.item() == pytest.approx(want_value, rel=1e-4)
     assert_grads_close(grads, want_grads, torch.bfloat16)

@@ -44,14 +44,14 @@ CASES = [  # (θ dtype, a/w dtype)
 ]
 
 
-def run_case(backend, dtype, storage, kind, weighted, store, shapes=SIZES, scale=0.37):
+def run_case(backend, dtype, storage, form, weighted, store, shapes=SIZES, scale=0.37):
     if backend != "torch" and dtype == torch.float64:
         pytest.skip("float64 runs on the torch backend only")
-    params, anchors, weights, start = make_inputs(shapes, dtype, storage, weighted, seed_of(backend, dtype, kind, weighted))
+    params, anchors, weights, start = make_inputs(shapes, dtype, storage, weighted, seed_of(backend, dtype, form, weighted))
     grads = [torch.full_like(g, float("nan")) for g in start] if store else [g.clone() for g in start]
     with use_backend(backend):
-        value = penalty(params, anchors, weights, scale=scale, kind=kind, grads=grads, store=store)
-    want_value, want_grads = expected(params, anchors, weights, scale, kind, start, store=store)
+        value = penalty(params, anchors, weights, scale=scale, form=form, grads=grads, store=store)
+    want_value, want_grads = expected(params, anchors, weights, scale, form, start, store=store)
     assert value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert value.item() == pytest.approx(want_value, rel=VALUE_RTOL[dtype])
     if backend == "triton" and dtype == torch.bfloat16:  # Triton's CPU interpreter truncates float32 -> bfloat16
@@ -63,12 +63,12 @@ def run_case(backend, dtype, storage, kind, weighted, store, shapes=SIZES, scale
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,storage", CASES)
-@pytest.mark.parametrize("kind", ["quadratic", "l1"])
+@pytest.mark.parametrize("form", ["quadratic", "l1"])
 @pytest.mark.parametrize("store", [False, True])
-def test_value_and_grads_every_backend(backend, dtype, storage, kind, store):
+def test_value_and_grads_every_backend(backend, dtype, storage, form, store):
     if backend == "triton" and storage == torch.float64:
         pytest.skip("float64 anchors run on the torch backend")
-    run_case(backend, dtype, storage, kind, weighted=(kind == "quadratic"), store=store,
+    run_case(backend, dtype, storage, form, weighted=(form == "quadratic"), store=store,
              shapes=[(1,), (7,), (3, 5), (40,)] if backend == "triton" else SIZES)
 
 
@@ -281,7 +281,7 @@ def test_one_tensor_at_several_positions_is_cached_and_rechecked():
 @pytest.mark.parametrize(
     "kwargs,error",
     [
-        (dict(kind="l3"), ValueError),
+        (dict(form="l3"), ValueError),
         (dict(scale=float("nan")), ValueError),
         (dict(scale=1e39), ValueError),
         (dict(scale=True), TypeError),
@@ -300,7 +300,7 @@ def test_one_tensor_at_several_positions_is_cached_and_rechecked():
     ],
 )
 def test_bad_input(kwargs, error):
-    args = dict(params=[torch.zeros(4)], anchors=[torch.zeros(4)], weights=None, scale=1.0, kind="quadratic", grads=None)
+    args = dict(params=[torch.zeros(4)], anchors=[torch.zeros(4)], weights=None, scale=1.0, form="quadratic", grads=None)
     args.update(kwargs)
     with pytest.raises(error):
         penalty(args.pop("params"), args.pop("anchors"), args.pop("weights"), **args)
@@ -323,13 +323,13 @@ def leaf_set(dtype=torch.float64, storage=torch.float64, seed=5):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 @pytest.mark.parametrize("dtype,storage", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
-@pytest.mark.parametrize("kind", ["quadratic", "l1"])
-def test_anchored_penalty_gradient_every_backend(backend, dtype, storage, kind):
-    params, anchors, weights = leaf_set(dtype, storage, seed=seed_of(backend, dtype, kind))
+@pytest.mark.parametrize("form", ["quadratic", "l1"])
+def test_anchored_penalty_gradient_every_backend(backend, dtype, storage, form):
+    params, anchors, weights = leaf_set(dtype, storage, seed=seed_of(backend, dtype, form))
     with use_backend(backend):
-        value = anchored_penalty(params, anchors, weights, scale=1.5, kind=kind)
+        value = anchored_penalty(params, anchors, weights, scale=1.5, form=form)
         value.backward()
-    want_value, want_grads = expected(params, anchors, weights, 1.5, kind, [torch.zeros_like(p) for p in params])
+    want_value, want_grads = expected(params, anchors, weights, 1.5, form, [torch.zeros_like(p) for p in params])
     assert value.item() == pytest.approx(want_value, rel=VALUE_RTOL[dtype])
     assert_grads_close([p.grad for p in params], want_grads, dtype)
 
@@ -374,7 +374,7 @@ def test_partial_requires_grad_and_no_grad():
 
 def test_retain_graph_second_backward():
     params, anchors, weights = leaf_set()
-    value = anchored_penalty(params, anchors, weights, scale=0.5, kind="l1")
+    value = anchored_penalty(params, anchors, weights, scale=0.5, form="l1")
     value.backward(retain_graph=True)
     value.backward()
     want = expected(params, anchors, weights, 0.5, "l1", [torch.zeros_like(p) for p in params])[1]
@@ -396,15 +396,15 @@ def test_create_graph_gives_exact_second_order_terms():
     """∂/∂θ ⟨∇penalty, v⟩ = s·w·v (quadratic); the L1 term has zero curvature."""
     params, anchors, weights = leaf_set()
     v = [torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) for p in params]
-    for kind in ("quadratic", "l1"):
-        value = anchored_penalty(params, anchors, weights, scale=0.7, kind=kind)
+    for form in ("quadratic", "l1"):
+        value = anchored_penalty(params, anchors, weights, scale=0.7, form=form)
         grads = torch.autograd.grad(2.0 * value, params, create_graph=True)
-        want = expected(params, anchors, weights, 0.7, kind, [torch.zeros_like(p) for p in params])[1]
+        want = expected(params, anchors, weights, 0.7, form, [torch.zeros_like(p) for p in params])[1]
         for g, w in zip(grads, want):
             torch.testing.assert_close(g, 2.0 * w)
         hvp = torch.autograd.grad(sum((g * vi).sum() for g, vi in zip(grads, v)), params, allow_unused=True)
         for h, vi, w in zip(hvp, v, weights):
-            expect = 2.0 * 0.7 * w * vi if kind == "quadratic" else torch.zeros_like(vi)
+            expect = 2.0 * 0.7 * w * vi if form == "quadratic" else torch.zeros_like(vi)
             torch.testing.assert_close(torch.zeros_like(vi) if h is None else h, expect)
 
 
@@ -441,12 +441,12 @@ def shaped(base: torch.Tensor, layout: str, shape) -> torch.Tensor:
     shapes=st.lists(st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple), min_size=1, max_size=4),
     layouts=st.lists(st.sampled_from(LAYOUTS), min_size=4, max_size=4),
     case=st.sampled_from(CASES),
-    kind=st.sampled_from(("quadratic", "l1")),
+    form=st.sampled_from(("quadratic", "l1")),
     weighted=st.booleans(),
     store=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_property_any_shapes_strides_dtypes(shapes, layouts, case, kind, weighted, store, seed):
+def test_property_any_shapes_strides_dtypes(shapes, layouts, case, form, weighted, store, seed):
     """Whatever the shapes, memory layouts (shared or not) and dtypes, the op equals the float64 formula."""
     dtype, storage = case
     params, anchors, weights, start = make_inputs(shapes, dtype, storage, weighted, seed)
@@ -454,8 +454,8 @@ def test_property_any_shapes_strides_dtypes(shapes, layouts, case, kind, weighte
     anchors = [shaped(a, layouts[1], s) for a, s in zip(anchors, shapes)]
     weights = None if weights is None else [shaped(w, layouts[2], s) for w, s in zip(weights, shapes)]
     grads = [shaped(g.clone(), layouts[3], s) for g, s in zip(start, shapes)]
-    value = penalty(params, anchors, weights, scale=0.9, kind=kind, grads=grads, store=store)
-    want_value, want_grads = expected(params, anchors, weights, 0.9, kind, start, store=store)
+    value = penalty(params, anchors, weights, scale=0.9, form=form, grads=grads, store=store)
+    want_value, want_grads = expected(params, anchors, weights, 0.9, form, start, store=store)
     assert value.item() == pytest.approx(want_value, rel=VALUE_RTOL[dtype], abs=1e-6)
     rtol, atol = GRAD_TOL[dtype]
     for g, w in zip(grads, want_grads):

@@ -281,7 +281,7 @@ def plan(
     anchors: Sequence[torch.Tensor],
     weights: Sequence[torch.Tensor] | None,
     scale: float,
-    kind: str,
+    form: str,
     grads: Sequence[torch.Tensor] | None,
     *,
     store: bool = False,
@@ -305,7 +305,7 @@ def plan(
             W_CODE=_DTYPE_CODES[weights[0].dtype] if weights is not None else 0,
             HAS_WEIGHTS=weights is not None,
             GRAD_MODE=0 if grads is None else (2 if store else 1),
-            L1=kind == "l1",
+            L1=form == "l1",
             BLOCK=BLOCK,
             CHUNK=CHUNK,
             HEAD=16,
@@ -326,7 +326,7 @@ def penalty(
     anchors: Sequence[torch.Tensor],
     weights: Sequence[torch.Tensor] | None,
     scale: float,
-    kind: str,
+    form: str,
     grads: Sequence[torch.Tensor] | None,
     *,
     store: bool = False,
@@ -339,7 +339,7 @@ def penalty(
     equal-length non-empty lists of non-empty contiguous tensors on one device, one
     dtype per list. Version counters are left to the caller.
     """
-    main, reduce, out = plan(params, anchors, weights, scale, kind, grads, store=store)
+    main, reduce, out = plan(params, anchors, weights, scale, form, grads, store=store)
     device = params[0].device
     main(device)
     reduce(device)
