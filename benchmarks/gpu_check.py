@@ -143,7 +143,8 @@ def section_env(ctx: Context, sec: SectionResult) -> None:
     try:
         from fastcl.ops import backend_status
 
-        env["backend_status"] = {dev: backend_status(dev) for dev in ("cuda", "cpu")}
+        env["backend_status"] = {dev: {b: s.reason if not s.available else None for b, s in backend_status(dev).items()}
+                                 for dev in ("cuda", "cpu")}
     except Exception as exc:  # noqa: BLE001
         env["backend_status"] = f"raised {type(exc).__name__}: {exc}"
     env["tunables"] = triton_tunables()

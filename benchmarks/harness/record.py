@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from cases import size_set
 
-from fastcl.ops import BackendUnavailableError, backend_info, use_backend
+from fastcl.ops import BackendUnavailableError, op_backends, use_backend
 
 from .timing import measure_interleaved, measure_peak_mb, measure_time
 
@@ -116,24 +116,23 @@ def candidate_backends(device: torch.device) -> tuple[str, ...]:
 
 def available_backends(device, op: str, dtype: torch.dtype = torch.float32, *, on_skip: Callable[[str, str], None] | None = None) -> list[str]:
     """The candidate backends that can run fastcl op ``op`` (penalty, sqgrad, distill) on ``device``/``dtype``;
-    ``on_skip(backend, status)`` is called for each one that cannot."""
+    ``on_skip(backend, reason)`` is called for each one that cannot."""
     device = torch.device(device)
     out = []
     for b in candidate_backends(device):
         with use_backend(b):
-            status = backend_info(device, dtype)[op]
-        if status.startswith("unavailable"):
-            if on_skip is not None:
-                on_skip(b, status)
-        else:
+            status = op_backends(device, dtype)[op]
+        if status.available:
             out.append(b)
+        elif on_skip is not None:
+            on_skip(b, status.reason)
     return out
 
 
 def default_backend(device, op: str, dtype: torch.dtype = torch.float32) -> str | None:
     """The backend fastcl's dispatcher picks for ``op`` (None: none can run it)."""
-    status = backend_info(device, dtype)[op]
-    return None if status.startswith("unavailable") else status
+    status = op_backends(device, dtype)[op]
+    return status.name if status.available else None
 
 
 def forced(backend: str, fn: Callable) -> Callable:

@@ -39,7 +39,7 @@ import torch
 
 from .._dtypes import acc_dtype
 from .._validate import check_int, check_real
-from ._dispatch import resolve
+from ._dispatch import choose_backend
 from ._library import compiling, register
 
 __all__ = ["distillation_loss", "fused_linear_distillation", "distill_reference", "REDUCTIONS"]
@@ -108,7 +108,7 @@ def _flat_mask(mask, lead_shape, device) -> torch.Tensor | None:
 def _distill_impl(
     student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None, grad_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _, kernel = resolve("distill", student.device, student.dtype)
+    _, kernel = choose_backend("distill", student.device, student.dtype)
     return kernel(student, teacher, temperature, mask, grad_scale)
 
 

@@ -80,7 +80,7 @@ import torch
 from .._dtypes import FLOAT_DTYPES, acc_dtype, acc_dtype_of
 from .._validate import check_real
 from ..kernels._checks import CheckedTensors
-from ._dispatch import resolve
+from ._dispatch import choose_backend
 from ._library import compiling, register
 
 __all__ = ["penalty", "anchored_penalty", "penalty_reference", "FORMS"]
@@ -468,7 +468,7 @@ def _supports_store(kernel) -> bool:
 
 def _run(plan: _Plan, params, anchors, weights, grads, addresses, scale: float, form: str, store: bool) -> torch.Tensor:
     """Execute a validated plan: every kernel is resolved before any runs (atomic)."""
-    calls = [(group, resolve("penalty", group.device, group.dtype)[1]) for group in plan.groups]
+    calls = [(group, choose_backend("penalty", group.device, group.dtype)[1]) for group in plan.groups]
     parts = []
     for group, kernel in calls:
         lists = []

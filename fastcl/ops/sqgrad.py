@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from .._dtypes import acc_dtype
-from ._dispatch import resolve
+from ._dispatch import choose_backend
 from ._library import compiling, register
 
 __all__ = ["sqgrad", "sqgrad_into", "sqgrad_reference"]
@@ -126,7 +126,7 @@ def sqgrad_into(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor, power: int)
 
 
 def _sqgrad_impl(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor, power: int) -> None:
-    name, kernel = resolve("sqgrad", x.device, x.dtype)
+    name, kernel = choose_backend("sqgrad", x.device, x.dtype)
     if name not in ("torch", "cpp"):
         # These kernels index raw rows; the torch reference (bmm) and the cpp kernel (which
         # packs its panels from any strides) read strided views such as a transposed im2col.

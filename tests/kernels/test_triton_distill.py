@@ -186,7 +186,7 @@ def test_public_distillation_loss_strided_masked(reduction, dtype):
     assert not student.is_contiguous() and not teacher.is_contiguous()
     mask = torch.tensor([[True, False, True], [True, True, False]], device=DEVICE)
     with fastcl.use_backend("triton"):
-        assert ops.resolve("distill", DEVICE, dtype)[0] == "triton"
+        assert ops.choose_backend("distill", DEVICE, dtype)[0] == "triton"
         loss = fastcl.distillation_loss(student, teacher, temperature=2.0, reduction=reduction, mask=mask)
         upstream = torch.rand(loss.shape, generator=gen).to(DEVICE) if reduction == "none" else torch.tensor(1.7, device=DEVICE)
         loss.backward(upstream.to(loss.dtype))

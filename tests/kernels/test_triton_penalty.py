@@ -181,7 +181,7 @@ def test_public_op_with_strided_tensor(p_dtype):
     grads.append(torch.randn(9, 5, generator=gen).to(p_dtype).to(DEVICE))
     before = [g.clone() for g in grads]
     with fastcl.use_backend("triton"):
-        assert ops.resolve("penalty", DEVICE, p_dtype)[0] == "triton"
+        assert ops.choose_backend("penalty", DEVICE, p_dtype)[0] == "triton"
         value = ops.penalty(params, anchors, weights, scale=0.5, form="quadratic", grads=grads)
     check(value, before, grads, params, anchors, weights, 0.5, "quadratic")
 

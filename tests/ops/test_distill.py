@@ -169,12 +169,12 @@ def test_batchmean_grad_is_the_kernels_buffer():
 
     student, teacher = logits(4, 9, torch.float32, seed=2)
     student.requires_grad_()
-    original = distill_mod.resolve
-    distill_mod.resolve = lambda op, device, dtype: ("recording", recording)
+    original = distill_mod.choose_backend
+    distill_mod.choose_backend = lambda op, device, dtype: ("recording", recording)
     try:
         distillation_loss(student, teacher, 2.0).backward()
     finally:
-        distill_mod.resolve = original
+        distill_mod.choose_backend = original
     assert student.grad.data_ptr() == made[0].data_ptr()
     torch.testing.assert_close(student.grad.double(), oracle(student.detach(), teacher, 2.0, grad_scale=0.25)[1])
 
@@ -445,5 +445,5 @@ def test_bad_input_names_the_parameter(call, error, name):
 def test_default_backend_matches_oracle(dtype, tol):
     """Whatever backend the dispatcher picks on this machine."""
     student, teacher = logits(7, 513, dtype, seed=9)
-    row_loss, grad = _dispatch.resolve("distill", "cpu", dtype)[1](student, teacher, 3.0, None, 0.125)
+    row_loss, grad = _dispatch.choose_backend("distill", "cpu", dtype)[1](student, teacher, 3.0, None, 0.125)
     assert_matches_oracle(row_loss, grad, student, teacher, 3.0, tol, None, 0.125)

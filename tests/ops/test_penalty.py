@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastcl.ops import anchored_penalty, backend_info, penalty, use_backend
+from fastcl.ops import anchored_penalty, op_backends, penalty, use_backend
 from tests.kernels._penalty_oracle import GRAD_TOL, VALUE_RTOL, assert_grads_close, expected, make_inputs, seed_of
 
 penalty_module = importlib.import_module("fastcl.ops.penalty")
@@ -29,7 +29,7 @@ def backends():
         if name == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
             continue
         with use_backend(name):
-            if not backend_info("cpu")["penalty"].startswith("unavailable"):
+            if op_backends("cpu")["penalty"].available:
                 out.append(name)
     return out
 
