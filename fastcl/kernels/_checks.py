@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 __all__ = [
+    "Tensors",
     "DTYPE_CODES",
     "STORAGE_CODES",
     "FORM_CODES",
@@ -24,6 +25,9 @@ __all__ = [
     "check_list",
     "penalty_arguments",
 ]
+
+Tensors = Sequence[torch.Tensor]
+"""A list argument of the kernels (params, anchors, weights, grads)."""
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # θ, grads, logits
 STORAGE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # anchors and weights

@@ -47,13 +47,8 @@ __all__ = ["distillation_loss", "fused_linear_distillation", "distill_reference"
 REDUCTIONS = ("batchmean", "sum", "none")
 
 
-def distill_reference(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    temperature: float,
-    mask: torch.Tensor | None = None,
-    grad_scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def distill_reference(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None,
+                      grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch oracle: ``(T²·KL(p_t‖p_s) per row, grad_scale·T·(p_s − p_t))``.
 
     Written for clarity, not speed (full-size temporaries in the accumulation dtype);

@@ -79,7 +79,7 @@ import torch
 
 from .._dtypes import FLOAT_DTYPES, acc_dtype, acc_dtype_of
 from .._validate import check_real
-from ..kernels._checks import CheckedTensors
+from ..kernels._checks import CheckedTensors, Tensors
 from ._dispatch import choose_backend
 from ._library import compiling, register
 
@@ -90,16 +90,8 @@ _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _CACHE_SIZE = 64  # validated lists kept (inputs, and inputs with gradients)
 
 
-def penalty_reference(
-    params: Sequence[torch.Tensor],
-    anchors: Sequence[torch.Tensor],
-    weights: Sequence[torch.Tensor] | None,
-    scale: float,
-    form: str,
-    grads: Sequence[torch.Tensor] | None,
-    *,
-    store: bool = False,
-) -> torch.Tensor:
+def penalty_reference(params: Tensors, anchors: Tensors, weights: Tensors | None, scale: float, form: str, grads: Tensors | None, *,
+                      store: bool = False) -> torch.Tensor:
     """Plain-PyTorch penalty (the oracle and CPU fallback). Works on strided tensors."""
     acc = acc_dtype_of([*params, *anchors, *(weights or ())])
     total = torch.zeros((), dtype=acc, device=params[0].device)
