@@ -69,12 +69,15 @@ class DtypeTol:
     ``sum``: a float32 (float64) sum: the penalty's value, sqgrad's output;
     ``loss``: distill's per-row loss, ``atol`` relative to T²;
     ``grad``: a gradient element in this dtype, ``atol`` relative to the gradient's scale
-    (distill: ``|grad_scale|·T``), plus ``floor`` (float16's subnormal spacing).
+    (distill: ``|grad_scale|·T``), plus ``floor`` (float16's subnormal spacing);
+    ``rounding``: one float32 value rounded into this dtype, relative, truncation allowed, with
+    a 2× margin (the GPU check adds it to bounds from the magnitudes of the terms).
     """
 
     sum: Tol
     loss: Tol
     grad: Tol
+    rounding: float
     floor: float = 0.0
 
     def truncating(self) -> DtypeTol:
@@ -83,10 +86,11 @@ class DtypeTol:
 
 
 TOLERANCES = (
-    (torch.float64, DtypeTol(sum=Tol(1e-12, 1e-12), loss=Tol(1e-10, 1e-10), grad=Tol(1e-10, 1e-12))),
-    (torch.float32, DtypeTol(sum=Tol(2e-5, 2e-5), loss=Tol(1e-4, 1e-5), grad=Tol(1e-5, 1e-6))),
-    (torch.bfloat16, DtypeTol(sum=Tol(2e-5, 2e-5), loss=Tol(1e-4, 1e-5), grad=Tol(2**-8, 1e-6))),
-    (torch.float16, DtypeTol(sum=Tol(2e-5, 2e-5), loss=Tol(1e-4, 1e-5), grad=Tol(2**-10, 1e-6), floor=2**-24)),
+    (torch.float64, DtypeTol(sum=Tol(1e-12, 1e-12), loss=Tol(1e-10, 1e-10), grad=Tol(1e-10, 1e-12), rounding=2**-52)),
+    (torch.float32, DtypeTol(sum=Tol(2e-5, 2e-5), loss=Tol(1e-4, 1e-5), grad=Tol(1e-5, 1e-6), rounding=1e-6)),
+    (torch.bfloat16, DtypeTol(sum=Tol(2e-5, 2e-5), loss=Tol(1e-4, 1e-5), grad=Tol(2**-8, 1e-6), rounding=1.6e-2)),
+    (torch.float16, DtypeTol(sum=Tol(2e-5, 2e-5), loss=Tol(1e-4, 1e-5), grad=Tol(2**-10, 1e-6), rounding=2e-3,
+                             floor=2**-24)),
 )
 KERNEL_TOLERANCES = TOLERANCES[1:]
 TOL = dict(TOLERANCES)
