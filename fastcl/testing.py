@@ -36,6 +36,9 @@ __all__ = [
     "TOL",
     "param_id",
     "seed_of",
+    "at_thread_counts",
+    "PENALTY_GRID",
+    "check_penalty_kernel",
     "penalty_inputs",
     "penalty_oracle",
     "assert_penalty_matches",
@@ -106,7 +109,24 @@ def seed_of(*parts) -> int:
     return zlib.crc32(repr(parts).encode())
 
 
+def at_thread_counts(fn, counts=(1, 2)) -> list:
+    """``fn()`` run once under each ``torch.set_num_threads`` count (restored after), results in order."""
+    saved = torch.get_num_threads()
+    try:
+        results = []
+        for threads in counts:
+            torch.set_num_threads(threads)
+            results.append(fn())
+        return results
+    finally:
+        torch.set_num_threads(saved)
+
+
 # ---------------------------------------------------------------------------- penalty
+
+# (anchor/weight storage dtype, weighted, form, store): every kernel path but θ's dtype.
+PENALTY_GRID = [(storage, weighted, form, store) for storage in (torch.float32, torch.bfloat16)
+                for weighted in (True, False) for form in ("quadratic", "l1") for store in (False, True)]
 
 def penalty_inputs(shapes, dtype, storage, weighted, seed, device="cpu"):
     """``(params, anchors, weights, grads)``: θ of ``dtype``, a = θ + noise of ``storage`` (every
@@ -158,6 +178,17 @@ def assert_penalty_matches(value, grads, params, anchors, weights, scale, form, 
     assert abs(value.item() - want_value) <= tol.sum.atol + tol.sum.rtol * abs(want_value), (value.item(), want_value)
     if grads is not None:
         assert_grads_close(grads, want_grads, dtype, tol)
+
+
+def check_penalty_kernel(kernel, shapes, dtype, tol, storage, weighted, form, store, *, scale=0.37, device="cpu") -> torch.Tensor:
+    """Call a backend's penalty ``kernel`` on :func:`penalty_inputs` (NaN gradients in store mode,
+    which must never be read) and check it against the oracle; returns the value."""
+    params, anchors, weights, start = penalty_inputs(shapes, dtype, storage, weighted, seed_of(dtype, storage, weighted, form),
+                                                     device=device)
+    grads = [torch.full_like(g, float("nan")) if store else g.clone() for g in start]
+    value = kernel(params, anchors, weights, scale, form, grads, store=store)
+    assert_penalty_matches(value, grads, params, anchors, weights, scale, form, start, store=store, tol=tol)
+    return value
 
 
 # ---------------------------------------------------------------------------- distill

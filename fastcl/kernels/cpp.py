@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .._validate import check_real
+from . import _checks
 from ._checks import DTYPE_CODES, Tensors, check_tensor, penalty_arguments
 from ._extension import load_extension
 
@@ -137,8 +138,4 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 
 def unsupported_reason(op: str, dtype: torch.dtype) -> str | None:
     """``None`` when ``op`` has a cpp kernel for tensors of ``dtype``, else why not."""
-    if op not in OPS:
-        return f"the cpp backend has no {op} kernel"
-    if dtype not in DTYPE_CODES:
-        return f"the cpp backend supports float32, bfloat16 and float16, not {dtype}"
-    return None
+    return _checks.unsupported_reason("cpp", OPS, op, dtype)

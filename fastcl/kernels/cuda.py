@@ -32,7 +32,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import DTYPE_CODES, Tensors, penalty_arguments
+from . import _checks
+from ._checks import Tensors, penalty_arguments
 from ._extension import load_extension
 
 # Not built when there was no nvcc at install time, FASTCL_BUILD_CUDA=0, or the compile failed.
@@ -128,8 +129,4 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 
 def unsupported_reason(op: str, dtype: torch.dtype) -> str | None:
     """``None`` when ``op`` has a cuda kernel for tensors of ``dtype``, else why not."""
-    if op not in OPS:
-        return f"the cuda backend has no {op} kernel"
-    if dtype not in DTYPE_CODES:
-        return f"the cuda backend supports float32, bfloat16 and float16, not {dtype}"
-    return None
+    return _checks.unsupported_reason("cuda", OPS, op, dtype)

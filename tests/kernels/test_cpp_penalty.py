@@ -14,7 +14,15 @@ import torch
 
 from fastcl.kernels import _checks, cpp
 from fastcl.ops import BackendUnavailableError, penalty, use_backend
-from fastcl.testing import KERNEL_TOLERANCES, assert_penalty_matches, param_id, penalty_inputs, seed_of
+from fastcl.testing import (
+    KERNEL_TOLERANCES,
+    PENALTY_GRID,
+    assert_penalty_matches,
+    at_thread_counts,
+    check_penalty_kernel,
+    param_id,
+    penalty_inputs,
+)
 
 needs_ext = pytest.mark.skipif(cpp._C is None, reason=f"fastcl._C not built: {cpp.BUILD_ERROR}")
 
@@ -45,16 +53,9 @@ def test_extension_is_built():
 
 @needs_ext
 @pytest.mark.parametrize("dtype, tol", KERNEL_TOLERANCES, ids=param_id)
-@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("weighted", [True, False])
-@pytest.mark.parametrize("form", ["quadratic", "l1"])
-@pytest.mark.parametrize("store", [False, True])
+@pytest.mark.parametrize("storage, weighted, form, store", PENALTY_GRID)
 def test_kernel_matches_float64(dtype, tol, storage, weighted, form, store):
-    params, anchors, weights, start = penalty_inputs(ODD_SIZES, dtype, storage, weighted, seed_of(dtype, storage, weighted, form))
-    # store mode gets garbage (NaN) in: it must never read it
-    grads = [torch.full_like(g, float("nan")) if store else g.clone() for g in start]
-    value = cpp.penalty(params, anchors, weights, 0.37, form, grads, store=store)
-    assert_penalty_matches(value, grads, params, anchors, weights, 0.37, form, start, store=store, tol=tol)
+    check_penalty_kernel(cpp.penalty, ODD_SIZES, dtype, tol, storage, weighted, form, store)
 
 
 @needs_ext
@@ -99,16 +100,12 @@ def test_many_tensors_one_call():
 @pytest.mark.parametrize("store", [False, True])
 def test_value_is_bitwise_independent_of_thread_count(form, store):
     params, anchors, weights, start = penalty_inputs([(150001,), (3,), (65536,), (131073,)], torch.float32, torch.float32, True, seed=8)
-    saved = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            grads = [s.clone() for s in start]
-            results.append((cpp.penalty(params, anchors, weights, 0.9, form, grads, store=store), grads))
-    finally:
-        torch.set_num_threads(saved)
-    (v1, g1), (v2, g2) = results
+
+    def run():
+        grads = [s.clone() for s in start]
+        return cpp.penalty(params, anchors, weights, 0.9, form, grads, store=store), grads
+
+    (v1, g1), (v2, g2) = at_thread_counts(run)
     assert torch.equal(v1, v2)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 

@@ -9,7 +9,7 @@ import torch
 
 from fastcl.kernels import cpp
 from fastcl.ops import sqgrad, use_backend
-from fastcl.testing import KERNEL_TOLERANCES, param_id, sqgrad_oracle
+from fastcl.testing import KERNEL_TOLERANCES, at_thread_counts, param_id, sqgrad_oracle
 
 needs_ext = pytest.mark.skipif(cpp._C is None, reason=f"fastcl._C not built: {cpp.BUILD_ERROR}")
 ISA_NAMES = ("baseline", "avx2", "avx512")
@@ -51,16 +51,13 @@ def test_every_variant_matches_float64(isa, dtype, tol, layout):
 @needs_ext
 def test_result_is_bitwise_identical_for_any_thread_count():
     x, g = _inputs((9, 40, 70, 50), torch.float32, "contiguous", seed=3)
-    previous = torch.get_num_threads()
-    outs = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            out = torch.zeros(50, 70)
-            cpp.sqgrad(x, g, out, 2)
-            outs.append(out)
-    finally:
-        torch.set_num_threads(previous)
+
+    def run():
+        out = torch.zeros(50, 70)
+        cpp.sqgrad(x, g, out, 2)
+        return out
+
+    outs = at_thread_counts(run, (1, 2, 3))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 

@@ -18,12 +18,13 @@ import torch
 from fastcl.kernels import cuda as cuda_backend
 from fastcl.testing import (
     KERNEL_TOLERANCES,
+    PENALTY_GRID,
     assert_grads_close,
     assert_penalty_matches,
+    check_penalty_kernel,
     param_id,
     penalty_inputs,
     penalty_oracle,
-    seed_of,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,17 +146,11 @@ def make(shapes, dtype, storage, weighted, seed):
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", KERNEL_TOLERANCES, ids=param_id)
-@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("weighted", [True, False])
-@pytest.mark.parametrize("form", ["quadratic", "l1"])
-@pytest.mark.parametrize("store", [False, True])
+@pytest.mark.parametrize("storage, weighted, form, store", PENALTY_GRID)
 def test_cuda_penalty_matches_float64(dtype, tol, storage, weighted, form, store):
     shapes = [(1,), (7,), (65537,), (200003,), (3, 5, 7)]
-    params, anchors, weights, start = make(shapes, dtype, storage, weighted, seed_of(dtype, storage, weighted, form))
-    grads = [torch.full_like(g, float("nan")) for g in start] if store else [g.clone() for g in start]
-    value = cuda_backend.penalty(params, anchors, weights, 0.37, form, grads, store=store)
-    assert value.device == params[0].device
-    assert_penalty_matches(value, grads, params, anchors, weights, 0.37, form, start, store=store, tol=tol)
+    value = check_penalty_kernel(cuda_backend.penalty, shapes, dtype, tol, storage, weighted, form, store, device="cuda")
+    assert value.device.type == "cuda"
 
 
 @needs_gpu

@@ -15,7 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastcl.ops import anchored_penalty, op_backends, penalty, use_backend
-from fastcl.testing import TOL, assert_grads_close, assert_penalty_matches, penalty_inputs, penalty_oracle, seed_of
+from fastcl.testing import (
+    TOL,
+    assert_grads_close,
+    assert_penalty_matches,
+    at_thread_counts,
+    penalty_inputs,
+    penalty_oracle,
+    seed_of,
+)
 
 penalty_module = importlib.import_module("fastcl.ops.penalty")
 
@@ -108,16 +116,12 @@ def test_channels_last_runs_the_kernel_bitwise_across_threads(monkeypatch, store
     params, anchors, weights, start = channels_last_set()
     assert not params[0].is_contiguous()
     monkeypatch.setattr(penalty_module, "penalty_reference", lambda *a, **k: pytest.fail("took the strided path"))
-    saved = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            grads = [s.clone() for s in start]
-            results.append((penalty(params, anchors, weights, scale=0.7, grads=grads, store=store), grads))
-    finally:
-        torch.set_num_threads(saved)
-    (v1, g1), (v2, g2) = results
+
+    def run():
+        grads = [s.clone() for s in start]
+        return penalty(params, anchors, weights, scale=0.7, grads=grads, store=store), grads
+
+    (v1, g1), (v2, g2) = at_thread_counts(run)
     assert torch.equal(v1, v2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
     assert all(g.stride() == p.stride() for g, p in zip(g1, params))
     assert_penalty_matches(v1, g1, params, anchors, weights, 0.7, "quadratic", start, store=store)
