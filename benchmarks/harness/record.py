@@ -67,15 +67,18 @@ class Recorder:
         except Exception as exc:  # noqa: BLE001 - a failed guard is reported in the JSON
             self.checks[name] = {"error": f"{type(exc).__name__}: {exc}"}
 
-    def measure_group(self, op, case, size, impls: dict, *, notes: dict | None = None) -> None:
-        """Time ``impls`` ({impl: fn}) round-robin (see measure_interleaved), then record each."""
+    def measure_group(self, op, case, size, impls: dict, *, notes: dict | None = None, slow: bool = True,
+                      bytes_moved: int | None = None, rotate: int = 1) -> None:
+        """Time ``impls`` ({impl: fn}) round-robin (see measure_interleaved), then record each
+        (peak memory and the other arguments as :meth:`measure`)."""
         try:
             timings = measure_interleaved(impls, self.cfg.device, warmup=1, rounds=self.cfg.rounds)
         except Exception as exc:  # noqa: BLE001 - fall back to one-by-one timing, which reports failures per impl
             print(f"  interleaved timing failed ({type(exc).__name__}: {exc}); timing one by one", flush=True)
             timings = {}
         for impl, fn in impls.items():
-            self.measure(op, impl, case, size, fn, slow=True, note=(notes or {}).get(impl), timing=timings.get(impl))
+            self.measure(op, impl, case, size, fn, bytes_moved=bytes_moved, slow=slow, note=(notes or {}).get(impl),
+                         rotate=rotate, timing=timings.get(impl))
 
     def measure(self, op, impl, case, size, fn: Callable, *, bytes_moved: int | None = None, slow=False, note=None,
                 rotate: int = 1, timing=None) -> dict | None:

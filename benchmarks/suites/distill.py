@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from cases import DTYPE_NAMES, DistillCase, FusedCase, cases
 from harness.record import Config, Recorder, Unavailable, available_backends, forced, free
-from harness.timing import cycle, measure_interleaved, rotation_count
+from harness.timing import cycle, rotation_count
 from inputs import make_lm_head, make_logits
 from oracles import distill_expected, fused_expected, grad_bound, norm_errors, rows_for, worst_ratio
 
@@ -135,13 +135,7 @@ def _bench_logits(cfg: Config, rec: Recorder, case: DistillCase) -> None:
             rec.skip(OP, name, label, str(why))
     for b in available_backends(device, FASTCL_OP, case.dtype, on_skip=lambda b, why: rec.skip(OP, f"fastcl[{b}]", label, why)):
         steps[f"fastcl[{b}]"] = forced(b, inp.on_next(fastcl_distill))
-    try:
-        timings = measure_interleaved(steps, device, warmup=1, rounds=cfg.rounds)
-    except Exception as exc:  # noqa: BLE001 - rec.measure times each row alone and reports its failure
-        print(f"  interleaved timing failed ({type(exc).__name__}: {exc}); timing one by one", flush=True)
-        timings = {}
-    for name, step in steps.items():
-        rec.measure(OP, name, label, size, step, bytes_moved=inp.nbytes, rotate=k, timing=timings.get(name))
+    rec.measure_group(OP, label, size, steps, slow=False, bytes_moved=inp.nbytes, rotate=k)
 
     def loss_error():
         s, t = inp.pairs[0]
@@ -160,13 +154,7 @@ def _bench_fused(cfg: Config, rec: Recorder, case: FusedCase) -> None:
     steps = {name: fused_step(step, head) for name, step in FUSED_BASELINES.items()}
     for b in available_backends(device, FASTCL_OP, case.dtype, on_skip=lambda b, why: rec.skip(FUSED_OP, f"fastcl[{b}]", label, why)):
         steps[f"fastcl[{b}]"] = forced(b, fused_step(fastcl_fused, head))
-    try:
-        timings = measure_interleaved(steps, device, warmup=1, rounds=cfg.rounds)
-    except Exception as exc:  # noqa: BLE001 - rec.measure times each row alone and reports its failure
-        print(f"  interleaved timing failed ({type(exc).__name__}: {exc}); timing one by one", flush=True)
-        timings = {}
-    for name, step in steps.items():
-        rec.measure(FUSED_OP, name, label, size, step, slow=slow, timing=timings.get(name))
+    rec.measure_group(FUSED_OP, label, size, steps, slow=slow)
 
 
 # ---------------------------------------------------------------------------- gpu_check.py
