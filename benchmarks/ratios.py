@@ -72,7 +72,7 @@ RATIOS = {
     "fisher_memory_vs_fwd_bwd": Ratio(
         "fisher", "plain_fwd_bwd", "mem", "Fisher: peak memory, fastcl / plain forward+backward", ("<=", 1.25),
         case="transformer"),
-    # The Fisher against one ordinary forward+backward over the same data (issue 12's targets:
+    # The Fisher against one ordinary forward+backward over the same data (targets:
     # fastcl ≤ 1.3× plain for the MLP, ≤ 1.5× for the CNN and the transformers), and against
     # the per-sample-gradient libraries wherever they run.
     "fisher_vs_fwd_bwd": Ratio(

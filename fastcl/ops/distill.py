@@ -116,7 +116,7 @@ _distill_op = register("fastcl::distill", _distill_impl, _distill_fake)
 
 def _distill_rows(student, teacher, temperature, mask, grad_scale=1.0):
     """Per-row losses and scaled gradients from the chosen backend (through the custom op when compiling)."""
-    impl = _distill_op if (_distill_op is not None and compiling()) else _distill_impl
+    impl = _distill_op if compiling() else _distill_impl
     return impl(student, teacher, temperature, mask, grad_scale)
 
 

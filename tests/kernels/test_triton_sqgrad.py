@@ -147,7 +147,7 @@ def test_public_op_with_strided_inputs(dtype, T):
     out = torch.ones(13, 11, device=DEVICE)
     with fastcl.use_backend("triton"):
         assert ops.choose_backend("sqgrad", DEVICE, dtype)[0] == "triton"
-        ops.sqgrad(x, g, out, power=2)
+        ops.sqgrad(x, g, out, norm="squared")
     assert_close(out, 1.0 + sqgrad_oracle(x, g, 2))
 
 

@@ -143,7 +143,7 @@ def test_loss_and_grad_match_oracle(backend, reduction, upstream):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_nonfinite_public(backend):
-    """Through distillation_loss: NaN rows make the loss and their gradient NaN (issue 14.1)."""
+    """Through distillation_loss: NaN rows make the loss and their gradient NaN."""
     student, teacher, mask, expect = nonfinite_case(torch.float32)
     student.requires_grad_()
     with use_backend(backend):

@@ -59,13 +59,6 @@ def test_property_matches_float64_over_shapes_strides_and_dtypes(backend, case):
     torch.testing.assert_close(out.double(), start.double() + oracle(x, g, norm), rtol=tol.rtol, atol=tol.atol)
 
 
-def test_power_is_the_older_spelling_of_norm():
-    gen = torch.Generator().manual_seed(1)
-    x, g = torch.randn(4, 3, 5, generator=gen), torch.randn(4, 3, 2, generator=gen)
-    torch.testing.assert_close(sqgrad(x, g, power=1), sqgrad(x, g, norm="abs"))
-    torch.testing.assert_close(sqgrad(x, g, power=2), sqgrad(x, g, norm="squared"))
-
-
 def test_non_contiguous_out_accumulates():
     gen = torch.Generator().manual_seed(2)
     x, g = torch.randn(3, 4, 5, generator=gen), torch.randn(3, 4, 6, generator=gen)
@@ -81,8 +74,6 @@ def test_bad_input():
         sqgrad(torch.zeros(2, 3, 4), torch.zeros(2, 5))
     with pytest.raises(ValueError, match="norm must be 'squared' or 'abs'"):
         sqgrad(torch.zeros(2, 3), torch.zeros(2, 4), norm="cubed")
-    with pytest.raises(ValueError, match="power must be 2"):
-        sqgrad(torch.zeros(2, 3), torch.zeros(2, 4), power=3)
     with pytest.raises(ValueError):
         sqgrad(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(3, 4))
     with pytest.raises(TypeError):
