@@ -61,6 +61,7 @@ from ..ops import fused_linear_distillation
 from ..strategies import LwF
 from ..strategies.base import check_strength
 from ..strategies.lwf import check_temperature, frozen_copy
+from ._atomic import all_or_nothing
 
 __all__ = [
     "IGNORE_INDEX",
@@ -550,19 +551,6 @@ def _as_regularizers(regularizer) -> list:
     return items
 
 
-@contextlib.contextmanager
-def _all_or_nothing(objects):
-    """Restore every object's attributes if the block raises (strategies replace their state, never mutate it)."""
-    saved = [(obj, dict(vars(obj))) for obj in objects]
-    try:
-        yield
-    except BaseException:
-        for obj, attributes in saved:
-            vars(obj).clear()
-            vars(obj).update(attributes)
-        raise
-
-
 class ContinualTrainerMixin:
     """Adds fastcl penalties to ``compute_loss`` of any ``transformers.Trainer`` subclass.
 
@@ -689,7 +677,7 @@ class ContinualTrainerMixin:
                 raise ValueError("consolidate needs a dataset: pass one or give the trainer a train_dataset")
             loader = self.get_eval_dataloader(data)
         everything = self.regularizers + ([self.lwf] if self.lwf is not None else [])
-        with _all_or_nothing(everything):
+        with all_or_nothing(everything):
             for reg in self.regularizers:
                 need = getattr(reg, "consolidation_input", None)
                 if need is None:
