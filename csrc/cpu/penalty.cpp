@@ -17,6 +17,7 @@
 #include "dtypes.h"
 #include "kernels.h"
 #include "pages.h"
+#include "penalty_dispatch.h"
 #include "penalty_math.h"
 
 namespace fastcl {
@@ -92,50 +93,15 @@ double penalty_list(const void* const* params, const void* const* anchors, const
 using ListFn = double (*)(const void* const*, const void* const*, const void* const*, void* const*,
                           const std::vector<WorkItem>&, float, int);
 
-template <class P, class A, class W, int FORM>
-ListFn pick_mode(int mode) {
-    switch (mode) {
-        case kValueOnly: return penalty_list<P, A, W, FORM, kValueOnly>;
-        case kAccumulate: return penalty_list<P, A, W, FORM, kAccumulate>;
-        case kStore: return penalty_list<P, A, W, FORM, kStore>;
-    }
-    throw std::invalid_argument("penalty: grad mode code must be 0 (value only), 1 (accumulate) or 2 (store)");
-}
-
-template <class P, class A, class W>
-ListFn pick_form(int form, int mode) {
-    if (form == kQuadratic) return pick_mode<P, A, W, kQuadratic>(mode);
-    return pick_mode<P, A, W, kL1>(mode);
-}
-
-template <class P, class A>
-ListFn pick_weight(int weight_dtype, int form, int mode) {
-    switch (weight_dtype) {
-        case kNone: return pick_form<P, A, NoW>(form, mode);
-        case kFloat32: return pick_form<P, A, F32>(form, mode);
-        case kBFloat16: return pick_form<P, A, BF16>(form, mode);
-    }
-    throw std::invalid_argument("penalty: weight dtype code must be -1 (none), 0 (float32) or 1 (bfloat16)");
-}
-
-template <class P>
-ListFn pick_anchor(int anchor_dtype, int weight_dtype, int form, int mode) {
-    switch (anchor_dtype) {
-        case kFloat32: return pick_weight<P, F32>(weight_dtype, form, mode);
-        case kBFloat16: return pick_weight<P, BF16>(weight_dtype, form, mode);
-    }
-    throw std::invalid_argument("penalty: anchor dtype code must be 0 (float32) or 1 (bfloat16)");
-}
-
-ListFn pick(int param_dtype, int anchor_dtype, int weight_dtype, int form, int mode) {
-    if (form != kQuadratic && form != kL1) throw std::invalid_argument("penalty: form code must be 0 (quadratic) or 1 (l1)");
-    switch (param_dtype) {
-        case kFloat32: return pick_anchor<F32>(anchor_dtype, weight_dtype, form, mode);
-        case kBFloat16: return pick_anchor<BF16>(anchor_dtype, weight_dtype, form, mode);
-        case kFloat16: return pick_anchor<F16>(anchor_dtype, weight_dtype, form, mode);
-    }
-    throw std::invalid_argument("penalty: param dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16)");
-}
+struct Pick {
+    using Result = ListFn;
+    using F32 = fastcl::F32;
+    using BF16 = fastcl::BF16;
+    using F16 = fastcl::F16;
+    using NoW = fastcl::NoW;
+    template <class P, class A, class W, int FORM, int MODE>
+    static Result get() { return penalty_list<P, A, W, FORM, MODE>; }
+};
 
 }  // namespace
 
@@ -147,7 +113,10 @@ double penalty_cpu(int64_t num_tensors, const void* const* params, const void* c
     if (weight_dtype == kNone) weights = nullptr;
     if (grad_mode != kValueOnly && grads == nullptr)
         throw std::invalid_argument("penalty: grad mode 1 (accumulate) and 2 (store) need grads");
-    const ListFn fn = pick(param_dtype, anchor_dtype, weight_dtype, form, grad_mode);
+    const ListFn fn = pick_penalty<Pick>(param_dtype, anchor_dtype, weight_dtype, form, grad_mode);
+    if (fn == nullptr)
+        throw std::invalid_argument("penalty: codes out of range (param dtype 0..2, anchor dtype 0..1, "
+                                    "weight dtype -1..1, form 0..1, grad mode 0..2; see csrc/common/codes.h)");
     std::vector<WorkItem> items;
     for (int64_t t = 0; t < num_tensors; ++t) {
         if (sizes[t] < 0) throw std::invalid_argument("penalty: sizes must be >= 0");

@@ -25,6 +25,7 @@
 
 #include "codes.h"
 #include "kernels.h"
+#include "penalty_dispatch.h"
 #include "penalty_math.h"
 
 using namespace fastcl;
@@ -234,45 +235,15 @@ cudaError_t resident_blocks(Kernel kernel, int device, int* out) {
     return cudaSuccess;
 }
 
-template <class P, class A, class W>
-Kernel pick_mode(int form, int mode) {
-    const bool quad = form == kQuadratic;
-    switch (mode) {
-        case kValueOnly: return quad ? penalty_kernel<P, A, W, kQuadratic, kValueOnly> : penalty_kernel<P, A, W, kL1, kValueOnly>;
-        case kAccumulate: return quad ? penalty_kernel<P, A, W, kQuadratic, kAccumulate> : penalty_kernel<P, A, W, kL1, kAccumulate>;
-        case kStore: return quad ? penalty_kernel<P, A, W, kQuadratic, kStore> : penalty_kernel<P, A, W, kL1, kStore>;
-    }
-    return nullptr;
-}
-
-template <class P, class A>
-Kernel pick_weight(int weight_dtype, int form, int mode) {
-    switch (weight_dtype) {
-        case kNone: return pick_mode<P, A, NoW>(form, mode);
-        case kFloat32: return pick_mode<P, A, F32>(form, mode);
-        case kBFloat16: return pick_mode<P, A, BF16>(form, mode);
-    }
-    return nullptr;
-}
-
-template <class P>
-Kernel pick_anchor(int anchor_dtype, int weight_dtype, int form, int mode) {
-    switch (anchor_dtype) {
-        case kFloat32: return pick_weight<P, F32>(weight_dtype, form, mode);
-        case kBFloat16: return pick_weight<P, BF16>(weight_dtype, form, mode);
-    }
-    return nullptr;
-}
-
-Kernel pick(int param_dtype, int anchor_dtype, int weight_dtype, int form, int mode) {
-    if (form != kQuadratic && form != kL1) return nullptr;
-    switch (param_dtype) {
-        case kFloat32: return pick_anchor<F32>(anchor_dtype, weight_dtype, form, mode);
-        case kBFloat16: return pick_anchor<BF16>(anchor_dtype, weight_dtype, form, mode);
-        case kFloat16: return pick_anchor<F16>(anchor_dtype, weight_dtype, form, mode);
-    }
-    return nullptr;
-}
+struct Pick {
+    using Result = Kernel;
+    using F32 = ::F32;
+    using BF16 = ::BF16;
+    using F16 = ::F16;
+    using NoW = ::NoW;
+    template <class P, class A, class W, int FORM, int MODE>
+    static Result get() { return penalty_kernel<P, A, W, FORM, MODE>; }
+};
 
 }  // namespace
 
@@ -281,7 +252,7 @@ extern "C" int64_t fastcl_cuda_penalty_max_partials(int num_sms) { return int64_
 extern "C" int fastcl_cuda_penalty(const int64_t* table, int64_t num_tensors, int64_t num_chunks, int param_dtype,
                                    int anchor_dtype, int weight_dtype, int form, int grad_mode, double scale,
                                    float* partials, int64_t max_partials, float* out, int device, void* stream) {
-    const Kernel kernel = pick(param_dtype, anchor_dtype, weight_dtype, form, grad_mode);
+    const Kernel kernel = pick_penalty<Pick>(param_dtype, anchor_dtype, weight_dtype, form, grad_mode);
     if (kernel == nullptr || num_tensors < 1 || num_tensors > 0x7FFFFFFF || num_chunks < 0) return int(cudaErrorInvalidValue);
     int previous = -1;
     if (cudaError_t e = cudaGetDevice(&previous); e != cudaSuccess) return int(e);

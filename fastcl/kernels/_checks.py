@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 __all__ = [
+    "Tensors",
     "DTYPE_CODES",
     "STORAGE_CODES",
     "FORM_CODES",
@@ -23,7 +24,11 @@ __all__ = [
     "check_tensor",
     "check_list",
     "penalty_arguments",
+    "unsupported_reason",
 ]
+
+Tensors = Sequence[torch.Tensor]
+"""A list argument of the kernels (params, anchors, weights, grads)."""
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # θ, grads, logits
 STORAGE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # anchors and weights
@@ -123,3 +128,13 @@ def penalty_arguments(params, anchors, weights, grads, form: str, store: bool, d
         FORM_CODES[form],
         mode,
     )
+
+
+def unsupported_reason(backend: str, ops: Iterable[str], op: str, dtype: torch.dtype) -> str | None:
+    """A compiled backend's answer to the dispatcher: ``None`` when ``op`` is among its ``ops``
+    and ``dtype`` has a code, else why not."""
+    if op not in ops:
+        return f"the {backend} backend has no {op} kernel"
+    if dtype not in DTYPE_CODES:
+        return f"the {backend} backend supports float32, bfloat16 and float16, not {dtype}"
+    return None

@@ -79,8 +79,8 @@ import torch
 
 from .._dtypes import FLOAT_DTYPES, acc_dtype, acc_dtype_of
 from .._validate import check_real
-from ..kernels._checks import CheckedTensors
-from ._dispatch import resolve
+from ..kernels._checks import CheckedTensors, Tensors
+from ._dispatch import choose_backend
 from ._library import compiling, register
 
 __all__ = ["penalty", "anchored_penalty", "penalty_reference", "FORMS"]
@@ -90,16 +90,8 @@ _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _CACHE_SIZE = 64  # validated lists kept (inputs, and inputs with gradients)
 
 
-def penalty_reference(
-    params: Sequence[torch.Tensor],
-    anchors: Sequence[torch.Tensor],
-    weights: Sequence[torch.Tensor] | None,
-    scale: float,
-    form: str,
-    grads: Sequence[torch.Tensor] | None,
-    *,
-    store: bool = False,
-) -> torch.Tensor:
+def penalty_reference(params: Tensors, anchors: Tensors, weights: Tensors | None, scale: float, form: str, grads: Tensors | None, *,
+                      store: bool = False) -> torch.Tensor:
     """Plain-PyTorch penalty (the oracle and CPU fallback). Works on strided tensors."""
     acc = acc_dtype_of([*params, *anchors, *(weights or ())])
     total = torch.zeros((), dtype=acc, device=params[0].device)
@@ -468,7 +460,7 @@ def _supports_store(kernel) -> bool:
 
 def _run(plan: _Plan, params, anchors, weights, grads, addresses, scale: float, form: str, store: bool) -> torch.Tensor:
     """Execute a validated plan: every kernel is resolved before any runs (atomic)."""
-    calls = [(group, resolve("penalty", group.device, group.dtype)[1]) for group in plan.groups]
+    calls = [(group, choose_backend("penalty", group.device, group.dtype)[1]) for group in plan.groups]
     parts = []
     for group, kernel in calls:
         lists = []

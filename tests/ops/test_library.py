@@ -10,8 +10,6 @@ import torch
 from fastcl.ops import anchored_penalty, penalty
 from fastcl.ops._library import REGISTERED
 
-pytestmark = pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck needs torch >= 2.4")
-
 
 def penalty_args(weighted=True, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ..._dtypes import acc_dtype
+from .._checks import Tensors
 from ._launch import Launch, sm_count
 
 __all__ = ["penalty", "plan", "BLOCK", "CHUNK", "NUM_WARPS", "PROGRAMS_PER_SM", "INTERPRETER_PROGRAMS", "REDUCE_BLOCK", "TABLE_CACHE_SIZE"]
@@ -276,16 +277,8 @@ def _chunk_table(lists, numels: Sequence[int], device: torch.device) -> tuple[to
     return table, n_chunks
 
 
-def plan(
-    params: Sequence[torch.Tensor],
-    anchors: Sequence[torch.Tensor],
-    weights: Sequence[torch.Tensor] | None,
-    scale: float,
-    form: str,
-    grads: Sequence[torch.Tensor] | None,
-    *,
-    store: bool = False,
-) -> tuple[Launch, Launch, torch.Tensor]:
+def plan(params: Tensors, anchors: Tensors, weights: Tensors | None, scale: float, form: str, grads: Tensors | None, *,
+         store: bool = False) -> tuple[Launch, Launch, torch.Tensor]:
     """The two launches of :func:`penalty` (main pass, then the sum of partials) and its output."""
     if CHUNK % BLOCK or CHUNK % 16:
         raise ValueError(f"CHUNK ({CHUNK}) must be a multiple of BLOCK ({BLOCK}) and of 16")
@@ -321,16 +314,8 @@ def plan(
     return main, reduce, out
 
 
-def penalty(
-    params: Sequence[torch.Tensor],
-    anchors: Sequence[torch.Tensor],
-    weights: Sequence[torch.Tensor] | None,
-    scale: float,
-    form: str,
-    grads: Sequence[torch.Tensor] | None,
-    *,
-    store: bool = False,
-) -> torch.Tensor:
+def penalty(params: Tensors, anchors: Tensors, weights: Tensors | None, scale: float, form: str, grads: Tensors | None, *,
+            store: bool = False) -> torch.Tensor:
     """``s·Σ w·φ(θ−a)`` as a 0-dim float32 tensor, and the gradient step into ``grads``.
 
     With ``grads`` and ``store=False``: ``grads[t] += s·w·φ'(θ−a)``; with ``store=True``:
