@@ -11,22 +11,28 @@ import pytest
 import torch
 
 import fastcl
+from fastcl.testing import TOLERANCES, param_id
 
 from .conftest import make_mlp, perturb_
 
 STRENGTH = 2.5
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
+# float64, and float32 (which runs the compiled store kernel where it is built)
+DTYPES = pytest.mark.parametrize("dtype, tol", TOLERANCES[:2], ids=param_id)
 
 
 def setup(dtype):
-    """An MLP, an EWC with random importance anchored at its weights, then moved; a batch."""
+    """An MLP, an EWC with random importance anchored at its weights, then moved; a batch; the
+    float64 gradient of task + penalty; and a stale ``.grad`` of ones on every parameter."""
     model = make_mlp(dtype)
     ewc = fastcl.EWC(model, STRENGTH)
     g = torch.Generator().manual_seed(3)
     ewc.fold({n: torch.rand(p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters()})
     perturb_(model, seed=4)
     x = torch.randn(6, 5, generator=g, dtype=dtype)
-    return model, ewc, x
+    want = expected(model, ewc, x)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    return model, ewc, x, want
 
 
 def task(model, x):
@@ -45,66 +51,54 @@ def expected(model, ewc, x):
     return out
 
 
-def stale(model):
-    """A present ``.grad`` of ones on every parameter (as left by an earlier backward)."""
-    for p in model.parameters():
-        p.grad = torch.ones_like(p)
+def close(got, want, tol):
+    torch.testing.assert_close(got.double(), want, rtol=tol.grad.rtol, atol=tol.grad.atol)
 
 
-def close(got, want, dtype):
-    torch.testing.assert_close(got.double(), want, **TOL[dtype])
+def check_grads(model, want, tol, *, factor=1.0, stale=1.0):
+    """Every ``.grad`` equals ``stale + factor·want``."""
+    for n, p in model.named_parameters():
+        close(p.grad, stale + factor * want[n], tol)
 
 
-DTYPES = [torch.float64, torch.float32]  # float32 runs the compiled store kernel where it is built
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
+@DTYPES
 @pytest.mark.parametrize("set_to_none", [True, False])
-def test_zero_grad_between_forward_and_backward(dtype, set_to_none):
-    model, ewc, x = setup(dtype)
+def test_zero_grad_between_forward_and_backward(dtype, tol, set_to_none):
+    model, ewc, x, want = setup(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    want = expected(model, ewc, x)
-    stale(model)
     loss = task(model, x) + ewc.penalty()
     opt.zero_grad(set_to_none=set_to_none)
     loss.backward()
-    for n, p in model.named_parameters():
-        close(p.grad, want[n], dtype)
+    check_grads(model, want, tol, stale=0.0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_autograd_grad_and_backward_inputs_leave_other_grads_alone(dtype):
-    model, ewc, x = setup(dtype)
-    want = expected(model, ewc, x)
+@DTYPES
+def test_autograd_grad_and_backward_inputs_leave_other_grads_alone(dtype, tol):
+    model, ewc, x, want = setup(dtype)
     names = [n for n, _ in model.named_parameters()]
     params = list(model.parameters())
-    stale(model)
     grads = torch.autograd.grad(task(model, x) + ewc.penalty(), params)
     for n, p, g in zip(names, params, grads):
         assert torch.equal(p.grad, torch.ones_like(p))
-        close(g, want[n], dtype)
+        close(g, want[n], tol)
     (task(model, x) + ewc.penalty()).backward(inputs=[params[0]])
-    close(params[0].grad, 1 + want[names[0]], dtype)
+    close(params[0].grad, 1 + want[names[0]], tol)
     for p in params[1:]:
         assert torch.equal(p.grad, torch.ones_like(p))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_scaled_backward_into_present_grad(dtype):
+@DTYPES
+def test_scaled_backward_into_present_grad(dtype, tol):
     """GradScaler multiplies the loss; backward(gradient=...) scales likewise: the penalty's part too."""
-    model, ewc, x = setup(dtype)
-    want = expected(model, ewc, x)
-    stale(model)
+    model, ewc, x, want = setup(dtype)
     (8.0 * (task(model, x) + ewc.penalty())).backward()
     (task(model, x) + ewc.penalty()).backward(gradient=torch.tensor(0.5, dtype=dtype))
-    for n, p in model.named_parameters():
-        close(p.grad, 1 + 8.5 * want[n], dtype)
+    check_grads(model, want, tol, factor=8.5)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_forward_without_backward_changes_no_grad(dtype):
-    model, ewc, x = setup(dtype)
-    stale(model)
+@DTYPES
+def test_forward_without_backward_changes_no_grad(dtype, tol):
+    model, ewc, x, _ = setup(dtype)
     versions = [p.grad._version for p in model.parameters()]
     loss = task(model, x) + ewc.penalty()
     del loss
@@ -112,27 +106,22 @@ def test_forward_without_backward_changes_no_grad(dtype):
         assert torch.equal(p.grad, torch.ones_like(p)) and p.grad._version == v
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_tensor_hook_sees_the_penalty_gradient(dtype):
-    model, ewc, x = setup(dtype)
-    want = expected(model, ewc, x)
-    stale(model)
+@DTYPES
+def test_tensor_hook_sees_the_penalty_gradient(dtype, tol):
+    model, ewc, x, want = setup(dtype)
     first = next(model.parameters())
     seen = []
     first.register_hook(lambda g: seen.append(g.clone()) or 2 * g)
     (task(model, x) + ewc.penalty()).backward()
-    close(seen[0], want[next(iter(want))], dtype)
+    close(seen[0], want[next(iter(want))], tol)
     for i, (n, p) in enumerate(model.named_parameters()):
-        close(p.grad, 1 + (2 if i == 0 else 1) * want[n], dtype)
+        close(p.grad, 1 + (2 if i == 0 else 1) * want[n], tol)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_retained_graph_adds_twice(dtype):
-    model, ewc, x = setup(dtype)
-    want = expected(model, ewc, x)
-    stale(model)
+@DTYPES
+def test_retained_graph_adds_twice(dtype, tol):
+    model, ewc, x, want = setup(dtype)
     loss = task(model, x) + ewc.penalty()
     loss.backward(retain_graph=True)
     loss.backward()
-    for n, p in model.named_parameters():
-        close(p.grad, 1 + 2 * want[n], dtype)
+    check_grads(model, want, tol, factor=2.0)
