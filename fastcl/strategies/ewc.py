@@ -48,6 +48,8 @@ class EWC(ImportanceRegularizer):
             ewc.consolidate(task.train_loader)
     """
 
+    state_keys = ImportanceRegularizer.state_keys + ("fisher",)
+
     def __init__(self, model, strength, mode="separate", decay=1.0, fisher="empirical", *, storage_dtype=torch.float32, top_k=None):
         super().__init__(model, strength, mode=mode, decay=decay, storage_dtype=storage_dtype)
         if fisher not in FISHER_KINDS:
@@ -74,8 +76,8 @@ class EWC(ImportanceRegularizer):
         """
         if self.top_k is not None:
             fisher_options.setdefault("top_k", self.top_k)
-        fisher = diagonal_fisher(self.model, data, loss_fn=loss_fn, kind=self.fisher_kind, max_samples=max_samples,
-                                 forward=forward, verbose=verbose, **fisher_options)
+        fisher = self._estimate(diagonal_fisher, data, loss_fn=loss_fn, kind=self.fisher_kind, max_samples=max_samples,
+                                forward=forward, verbose=verbose, **fisher_options)
         self.fold(fisher)
 
     @property
@@ -88,6 +90,6 @@ class EWC(ImportanceRegularizer):
 
     def _parse_state(self, state) -> dict:
         new = super()._parse_state(state)
-        if state.get("fisher", self.fisher_kind) not in FISHER_KINDS:  # informative only: this EWC keeps its own kind
+        if state["fisher"] not in FISHER_KINDS:  # informative only: this EWC keeps its own kind
             raise ValueError(f"state_dict['fisher'] must be one of {FISHER_KINDS}, got {state.get('fisher')!r}")
         return new

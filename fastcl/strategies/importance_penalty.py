@@ -21,12 +21,12 @@ and differs only in where ``w`` comes from. Two ways to combine tasks t = 1..T:
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from .._names import named_parameters
-from .._validate import check_real
+from .._validate import check_int, check_real
 from ..distributed import all_reduce_sum, local_tensor, shard_groups, shard_like
 from .base import AnchoredRegularizer, agree, value_problem
 
@@ -40,6 +40,7 @@ class ImportanceRegularizer(AnchoredRegularizer):
 
     penalty_form = "quadratic"
     uses_importance = True
+    state_keys = AnchoredRegularizer.state_keys + ("mode", "decay")
 
     def __init__(self, model, strength, *, mode: str = "separate", decay: float = 1.0, storage_dtype=torch.float32):
         super().__init__(model, strength, storage_dtype=storage_dtype)
@@ -145,15 +146,58 @@ class ImportanceRegularizer(AnchoredRegularizer):
         agree(problem, sharded_groups.values())
         self._commit(anchors, stored, constant if self.mode == "separate" else 0.0)
 
+    def _estimate(self, estimator, data, *, max_samples, verbose, **options) -> dict:
+        """``estimator(model, data, ...)`` after checking the shared ``consolidate`` arguments.
+
+        A ``RuntimeError`` raised while the model runs on the data (an input the model cannot
+        take: wrong width, dtype, device) becomes a ``ValueError`` naming ``data`` and the
+        batch it came from, with the original chained. Nothing is changed on any error.
+        """
+        if data is None or isinstance(data, (str, bytes)) or not (isinstance(data, Iterable) or hasattr(data, "__getitem__")):
+            raise TypeError(
+                f"data must be an iterable of batches (a DataLoader, or a list of (inputs, targets) tuples), "
+                f"got {type(data).__name__}"
+            )
+        if max_samples is not None:
+            max_samples = check_int(max_samples, "max_samples", low=1)
+        if verbose is not None and not isinstance(verbose, bool):
+            raise TypeError(f"verbose must be True, False or None (show a progress bar on a terminal), got {verbose!r}")
+        batches = _CountedBatches(data)
+        try:
+            return estimator(self.model, batches, max_samples=max_samples, verbose=verbose, **options)
+        except RuntimeError as error:
+            if batches.count == 0:
+                raise
+            where = "the first batch" if batches.count == 1 else f"batch {batches.count - 1} (counting from 0)"
+            raise ValueError(
+                f"data: the model's forward (or the loss) failed on {where}; do the batches match the model's "
+                f"inputs (shape, dtype, device)? State left unchanged. {type(error).__name__}: {error}"
+            ) from error
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "mode": self.mode, "decay": self.decay}
 
     def _parse_state(self, state) -> dict:
         new = super()._parse_state(state)
-        if state.get("mode", self.mode) != self.mode:
+        if state["mode"] != self.mode:
             raise ValueError(f"state_dict was saved in mode={state['mode']!r}, this {type(self).__name__} uses mode={self.mode!r}")
-        new["decay"] = _check_decay(state.get("decay", self.decay), self.mode, "state_dict['decay']")
+        new["decay"] = _check_decay(state["decay"], self.mode, "state_dict['decay']")
         return new
+
+
+class _CountedBatches:
+    """``data`` as it is iterated, counting the batches handed out (``len`` passes through)."""
+
+    def __init__(self, data):
+        self.data, self.count = data, 0
+
+    def __iter__(self):
+        for batch in self.data:
+            self.count += 1
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.data)
 
 
 def _check_decay(decay, mode: str, name: str = "decay") -> float:

@@ -30,4 +30,4 @@ class MAS(ImportanceRegularizer):
         ``max_samples``, ``forward``, ``verbose`` and any other keyword go to
         :func:`fastcl.importance.mas_importance`. On any error nothing changes.
         """
-        self.fold(mas_importance(self.model, data, max_samples=max_samples, forward=forward, verbose=verbose, **options))
+        self.fold(self._estimate(mas_importance, data, max_samples=max_samples, forward=forward, verbose=verbose, **options))
