@@ -37,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .provenance import Batched, Shared, Unknown, tensor_leaves
+from .replay import Player
 from .rules import Call, Rule, rule_for
 
 __all__ = ["Boundary", "Capture", "Use"]
@@ -190,9 +191,15 @@ class Capture(TorchFunctionMode):
         self._mha_impl = self._instrumented_mha()
         self.begin(None)
 
-    def begin(self, tracer) -> None:
-        """Start a batch with ``tracer`` (``None``: one sample, or between batches); forget the last one."""
+    def begin(self, tracer, steps=None) -> None:
+        """Start a batch with ``tracer`` (``None``: one sample, or between batches); forget the last one.
+
+        ``steps``: a :class:`~.replay.Recorder` (the tracer runs; its calls are recorded) or a
+        :class:`~.replay.Player` (the tracer is not running: the calls replay a record).
+        """
         self.tracer = tracer
+        self.steps = steps
+        self.player = steps if isinstance(steps, Player) else None
         self.uses: list[Use] = []
         self.boundaries: list[Boundary] = []
         self.unprovable: dict = {} if tracer is None else tracer.unprovable
@@ -215,6 +222,19 @@ class Capture(TorchFunctionMode):
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.steps is not None:
+            return self.steps.step(self, func, args, kwargs)
+        return self.dispatch(func, args, kwargs)
+
+    def _call(self, func, args, kwargs):
+        """Run the intercepted call itself (a replay tags its results from the record)."""
+        out = func(*args, **kwargs)
+        if self.player is not None:
+            self.player.ran(out)
+        return out
+
+    def dispatch(self, func, args, kwargs):
+        """Handle one intercepted call (a use, a boundary, or a plain call)."""
         if func is _MHA_FORWARD:
             return self._mha(func, args, kwargs)
         if func is F.batch_norm and torch.is_grad_enabled() and (
@@ -230,14 +250,14 @@ class Capture(TorchFunctionMode):
 
     def handle(self, func, args, kwargs):
         if not torch.is_grad_enabled():
-            return func(*args, **kwargs)
+            return self._call(func, args, kwargs)
         carrying_tensors = []
         for t in tensor_leaves(args, kwargs):
             tag = self._tag(t)
             if isinstance(tag, Shared) and tag.deps:
                 carrying_tensors.append((t, tag))
         if not carrying_tensors:
-            return func(*args, **kwargs)
+            return self._call(func, args, kwargs)
         rule = rule_for(func)
         if rule is not None:
             out = self._use(rule, func, args, kwargs, carrying_tensors)
@@ -259,7 +279,7 @@ class Capture(TorchFunctionMode):
         if call is None:
             return NotImplemented
         if isinstance(call, str):
-            out = func(*args, **kwargs)
+            out = self._call(func, args, kwargs)
             self._unprovable(set().union(*(tag.deps for _, tag in carrying)), call)
             return out
         slots = {}
@@ -284,12 +304,12 @@ class Capture(TorchFunctionMode):
             return self._batched_use(rule, func, args, kwargs, call, slots, None)
         x_tag = self.tracer.tag(call.x)
         if isinstance(x_tag, Unknown):
-            out = func(*args, **kwargs)
+            out = self._call(func, args, kwargs)
             self._unprovable(slots.values(), f"the input of {rule.name} has no provable sample dimension: {x_tag.why}")
             return out
         if isinstance(x_tag, Batched):
             if not rule.sample_dim_ok(call, x_tag.dim):
-                out = func(*args, **kwargs)
+                out = self._call(func, args, kwargs)
                 self._unprovable(slots.values(), f"{rule.name} mixes the dimension that carries the samples (dim {x_tag.dim})")
                 return out
             return self._batched_use(rule, func, args, kwargs, call, slots, x_tag)
@@ -304,7 +324,7 @@ class Capture(TorchFunctionMode):
                 if self.tracer is not None:
                     self.tracer.retag(out, x_tag)
             else:
-                out = func(*args, **kwargs)
+                out = self._call(func, args, kwargs)
                 if isinstance(out, torch.Tensor) and out.requires_grad:
                     out.register_hook(functools.partial(self._hook, use))
                 if self.tracer is not None and self.tracer.tag(out) != x_tag:
@@ -320,7 +340,7 @@ class Capture(TorchFunctionMode):
             with torch._C._DisableTorchDispatch():  # shared in, shared out: tagged below
                 out, saved = rule.forward(call)
         else:
-            out, saved = func(*args, **kwargs), ()
+            out, saved = self._call(func, args, kwargs), ()
         use = Use(next(self._keys), rule, call._replace(x=call.x.detach()), slots, x_tag, out, tuple(s.detach() for s in saved))
         self.uses.append(use)
         self.tracer.retag(out, Shared(frozenset((("use", use.key),)) | x_tag.deps))
@@ -331,11 +351,11 @@ class Capture(TorchFunctionMode):
     def _boundary(self, func, args, kwargs, leaves, spec, carrying):
         deps = set().union(*(t.deps for _, t in carrying))
         if self.tracer is None:  # one sample: the plain gradient is the per-sample gradient
-            return func(*args, **kwargs)
+            return self._call(func, args, kwargs)
         name = _func_name(func)
         in_place = _in_place(func, kwargs)
         if in_place and any(i == 0 for i, _ in carrying):
-            out = func(*args, **kwargs)
+            out = self._call(func, args, kwargs)
             self._unprovable(deps, f"written into in place by {name} (mixing the batch into it)")
             return out
         closed = self._closed_form(func, args, kwargs, carrying)
@@ -349,7 +369,7 @@ class Capture(TorchFunctionMode):
                 snapshot.append(t.detach())
         versions = [t._version if isinstance(t, torch.Tensor) else None for t in leaves]
         with self._handling:
-            out = func(*args, **kwargs)
+            out = self._call(func, args, kwargs)
         results = []
         outs = out if isinstance(out, (tuple, list)) else (out,)
         for j, o in enumerate(outs):
@@ -443,9 +463,11 @@ class Capture(TorchFunctionMode):
             if isinstance(tag, Shared):
                 carrying |= tag.deps
         if not carrying or not torch.is_grad_enabled():
-            return func(*args, **kwargs)
+            return self._call(func, args, kwargs)
+        if self.steps is not None:
+            self.steps.unreplayable()  # the projections inside are separate records: no step of its own
         if self._mha_impl is None:
-            out = func(*args, **kwargs)
+            out = self._call(func, args, kwargs)
             self._unprovable(carrying, "multi_head_attention_forward could not be instrumented")
             return out
         # every use inside goes through the taps; anything else is caught by the tracer

@@ -47,6 +47,25 @@ class Factored:
     def __init__(self, x: torch.Tensor, g: torch.Tensor):
         self.x, self.g = x, g
         self.rows, self.cols, self.batch = g.shape[-1], x.shape[-1], x.shape[0]
+        self._g_power = None
+
+    def g_power(self, power: int, dtype: torch.dtype) -> torch.Tensor:
+        """``|g[b, 0, :]|^p`` ``[B, O]`` in ``dtype`` for a single position (``T = 1``), computed once:
+        the ``Σ_b |g_b|^p`` of a bias on the same output (a :class:`Dense` with ``of=`` this) reuses it."""
+        cached = self._g_power
+        if cached is None or cached[0] != power or cached[1].dtype != dtype:
+            cached = (power, power_of(self.g.reshape(self.batch, self.rows).to(dtype), power))
+            self._g_power = cached
+        return cached[1]
+
+    def accumulate_single(self, out: torch.Tensor, power: int) -> None:
+        """``out += Σ_b |g_bᵀ x_b|^p``: for ``T = 1`` one matmul ``|g|^pᵀ |x|^p`` (``|g|^p`` shared, see
+        :meth:`g_power`), otherwise :func:`fastcl.ops.sqgrad`'s kernel."""
+        x = self.x
+        if x.shape[1] != 1 or self.batch == 0 or self.rows == 0 or self.cols == 0:
+            sqgrad_into(x, self.g, out, power)
+            return
+        out.addmm_(self.g_power(power, out.dtype).t(), power_of(x.reshape(self.batch, self.cols).to(out.dtype), power))
 
     def sample_bytes(self) -> int:
         """Bytes one sample costs in :meth:`take` (for chunking): views only."""
@@ -104,6 +123,7 @@ class ConvGrads:
 @dataclass
 class Dense:
     values: torch.Tensor  # [B, numel], accumulation dtype
+    of: Factored | None = None  # values = Σ_t of.g[b, t] (a linear map's bias): |values|^p comes from of.g_power
 
 
 @dataclass
@@ -133,10 +153,12 @@ def accumulate(items: list, out: torch.Tensor, power: int) -> None:
     if len(items) == 1:  # the common case, without the classification below
         c = items[0]
         if type(c) is Factored:
-            sqgrad_into(c.x, c.g, out, power)
+            c.accumulate_single(out, power)
             return
         if type(c) is Dense:
-            out.view(-1).add_(power_of(c.values.to(out.dtype), power).sum(0))
+            of = c.of
+            powered = of.g_power(power, out.dtype) if of is not None and of.x.shape[1] == 1 else power_of(c.values.to(out.dtype), power)
+            out.view(-1).add_(powered.sum(0))
             return
     batch = _batch_of(items)
     factored = [c for c in items if isinstance(c, Factored)]

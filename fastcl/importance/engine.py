@@ -42,6 +42,7 @@ from .contributions import Dense, Factored, Sparse, accumulate, coalesce, rows_o
 from .fallback import Runner, per_sample_accumulate
 from .objectives import check_losses
 from .provenance import Batched, Tracer, Unknown, per_sample
+from .replay import Diverged, Player, Recorder, batch_key
 
 __all__ = ["ImportancePass", "PerSampleFallbackWarning"]
 
@@ -49,6 +50,7 @@ __all__ = ["ImportancePass", "PerSampleFallbackWarning"]
 # this, the parameter takes the fallback (which bounds its memory by chunking samples).
 DENSE_LIMIT_BYTES = 256 * 2**20
 _VJP_CHUNK_BYTES = 64 * 2**20
+_MAX_DIVERGENCES = 2  # replays of one batch shape that left their record before that shape is always traced
 
 
 class PerSampleFallbackWarning(UserWarning):
@@ -98,6 +100,9 @@ class ImportancePass:
         self.fallback_state: dict = {}
         self.warned: set[str] = set()
         self.handles = []
+        self.replay = True  # off under FSDP2 (see install)
+        self.scripts: dict = {}  # batch_key -> replay.Script (None: trace every batch of that key)
+        self.divergences: dict = defaultdict(int)
         self.capture = Capture(self.tracked, self._on_use_grad, self._on_boundary)
         self._reset()
 
@@ -118,6 +123,7 @@ class ImportancePass:
     # ------------------------------------------------------------------ install
 
     def install(self, sharded: bool, fsdp_types: tuple) -> None:
+        self.replay = not sharded
         if sharded:
             self._track_unsharded(fsdp_types)
 
@@ -171,23 +177,9 @@ class ImportancePass:
             batch = truncate(batch, remaining)
         leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor) and t.dim() >= 1]
         seed = leaves[0].shape[0] if leaves else None
-        tracer = None if seed in (None, 1) else Tracer(self.tracked, self.constants)
-        if tracer is not None:
-            for t in leaves:
-                if t.shape[0] == seed:
-                    tracer.seed(t, Batched(0, seed, 1))
-        self._reset()
-        capture = self.capture
-        capture.begin(tracer)
-        modes = (capture, tracer) if tracer is not None else (capture,)
+        tracer = None
         try:
-            with torch.enable_grad(), _Modes(modes):
-                outputs, targets = self.forward(self.model, batch)
-                outputs = self.objective.outputs(outputs)
-            self.objective.check(outputs, targets)  # outside the modes: its tensor queries would all be intercepted
-            with torch.enable_grad(), _Modes(modes):
-                variants = self.objective.variants(outputs, targets)
-                losses = [loss(outputs, targets, extra) for loss, extra in variants]
+            tracer, outputs, targets, variants, losses = self._forward(batch, leaves, seed)
             for value in losses:
                 check_losses(value, outputs, index)
             size = losses[0].shape[0] if losses else 0
@@ -215,7 +207,7 @@ class ImportancePass:
             fallback = [n for n in self.selected if n in self.fallback or n in self.failed]
             del losses
             self.live = False
-            capture.begin(None)
+            self.capture.begin(None)
             if fallback:
                 self._fallback({n: reasons[n] for n in fallback}, batch, size, variants)
         finally:
@@ -223,6 +215,72 @@ class ImportancePass:
                 tracer.release()
             self._reset()
         return size, counted
+
+    def _forward(self, batch, leaves, seed) -> tuple:
+        """The forward and the per-sample losses under the capture: ``(tracer, outputs, targets, variants, losses)``.
+
+        A batch of one sample needs no tracer (everything is that sample). Otherwise the tracer
+        tags the batch's tensors, or, when an earlier batch of the same shapes left a record, the
+        record is replayed without it (:mod:`.replay`); a replay that diverges is traced again.
+        """
+        if seed in (None, 1):
+            return (None, *self._phases(batch, None, None))
+        key = batch_key(leaves) if self.replay else None
+        script = self.scripts.get(key) if key is not None else None
+        if script is not None:
+            tracer = self._tracer(leaves, seed)
+            player = Player(script, tracer)
+            try:
+                result = self._phases(batch, tracer, player)
+                if not player.diverged:
+                    return (tracer, *result)
+            except Diverged:
+                pass
+            except BaseException:
+                tracer.release()
+                raise
+            tracer.release()
+            self._reset()
+            self.divergences[key] += 1
+            del self.scripts[key]
+            if self.divergences[key] >= _MAX_DIVERGENCES:
+                self.scripts[key] = None  # this forward does not repeat itself: trace every batch
+        tracer = self._tracer(leaves, seed)
+        recorder = Recorder(tracer) if key is not None and key not in self.scripts else None
+        try:
+            result = self._phases(batch, tracer, recorder)
+        except BaseException:
+            tracer.release()
+            raise
+        if recorder is not None:
+            self.scripts[key] = recorder.script()
+        return (tracer, *result)
+
+    def _tracer(self, leaves, seed) -> Tracer:
+        tracer = Tracer(self.tracked, self.constants)
+        for t in leaves:
+            if t.shape[0] == seed:
+                tracer.seed(t, Batched(0, seed, 1))
+        return tracer
+
+    def _phases(self, batch, tracer, steps) -> tuple:
+        """Run the forward, check the outputs, run the losses: ``(outputs, targets, variants, losses)``."""
+        self._reset()
+        capture = self.capture
+        capture.begin(tracer, steps)
+        modes = (capture, tracer) if tracer is not None and not isinstance(steps, Player) else (capture,)
+        with torch.enable_grad(), _Modes(modes):
+            outputs, targets = self.forward(self.model, batch)
+            outputs = self.objective.outputs(outputs)
+            if steps is not None:
+                steps.end_phase()
+        self.objective.check(outputs, targets)  # outside the modes: its tensor queries would all be intercepted
+        with torch.enable_grad(), _Modes(modes):
+            variants = self.objective.variants(outputs, targets)
+            losses = [loss(outputs, targets, extra) for loss, extra in variants]
+            if steps is not None:
+                steps.end_phase()
+        return outputs, targets, variants, losses
 
     def check_finite(self, batches: int) -> None:
         """Raise, naming the parameters, if an importance is not finite (one summing pass over each)."""

@@ -450,10 +450,17 @@ def _align(tag, t_ndim, out_shape, t_shape, what):
     return Batched(d, tag.n, tag.inner)
 
 
+# How many tags were derived from tensor *values* rather than from metadata and provenance (a
+# shared tensor constant along the samples, an index equal to arange(n)). A forward whose tags
+# read values is never replayed (:mod:`.replay`): the next batch could read other values.
+VALUE_READS = [0]
+
+
 def _constant_along(t: torch.Tensor, d: int) -> bool:
     """Whether ``t`` is the same along dim ``d`` (size 1, expanded, or equal values)."""
     if d < 0 or t.shape[d] == 1 or t.stride(d) == 0 or t.numel() == 0:
         return True
+    VALUE_READS[0] += 1
     return bool(torch.equal(t, t.narrow(d, 0, 1).expand_as(t)))
 
 
@@ -925,6 +932,7 @@ def _arange_axis(ix, n, k):
     if len(axes) != 1 or sizes[axes[0]] != n:
         return None
     expected = torch.arange(n, device=ix.device, dtype=ix.dtype)
+    VALUE_READS[0] += 1
     return axes[0] if torch.equal(ix.reshape(-1), expected) else None
 
 

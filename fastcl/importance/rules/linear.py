@@ -32,9 +32,10 @@ class LinearRule(Rule):
 
     def contributions(self, call, x, g, saved, slots):
         x3, g3 = flat_features(x, 1), flat_features(g, 1)
+        weight = Factored(x3, g3)
         out = {}
         if "weight" in slots:
-            out["weight"] = Factored(x3, g3)
+            out["weight"] = weight
         if "bias" in slots:
-            out["bias"] = Dense(sum_middle(g3.to(acc_dtype(g3.dtype))))
+            out["bias"] = Dense(sum_middle(g3.to(acc_dtype(g3.dtype))), of=weight)  # shares |g|^p with the weight
         return out
