@@ -38,7 +38,7 @@ from .._dtypes import acc_dtype
 from ..distributed import is_dtensor
 from .batches import default_batch, truncate
 from .capture import Capture, rebuild
-from .contributions import Dense, Factored, Sparse, accumulate, coalesce, rows_of, sparse_correction
+from .contributions import Dense, Factored, Sparse, accumulate, assign, coalesce, rows_of, sparse_correction
 from .fallback import Runner, per_sample_accumulate
 from .objectives import check_losses
 from .provenance import Batched, Tracer, Unknown, per_sample
@@ -95,7 +95,7 @@ class ImportancePass:
         self.tracked = {id(by_name[n]): n for n in selected}
         self.objects = {n: by_name[n] for n in selected}  # the tensors the forward uses (FSDP2 swaps them)
         self.constants = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
-        self.runner = Runner(model, forward)
+        self.runner = None  # the fallback's functional model, made when a parameter first needs it
         self.runner_path = {n: "model." + raw_names[n] for n in selected}
         self.fallback_state: dict = {}
         self.warned: set[str] = set()
@@ -406,7 +406,7 @@ class ImportancePass:
                 if name in self.tied_rows:
                     self._finish_tied(name, items)
                 else:
-                    accumulate(items, self.acc[name], self.power)
+                    self._accumulate(name, items)
             self.stash.clear()
             self.buffers.clear()
             self.tied_rows.clear()
@@ -414,13 +414,22 @@ class ImportancePass:
             if name in snapshot:
                 self.acc[name].copy_(snapshot[name])
 
+    def _accumulate(self, name, items) -> None:
+        """``acc[name] += Σ_b |Σ_items ∇ℓ_b|^p``; the first write into an accumulator assigns (no zero-fill)."""
+        out, fresh = self.acc.take_fresh(name)
+        if fresh and assign(items, out, self.power):
+            return
+        if fresh:
+            out.zero_()
+        accumulate(items, out, self.power)
+
     def _collect(self, name, contribution) -> None:
         if name in self.fallback or name in self.failed:
             return
         if isinstance(contribution, torch.Tensor):
             contribution = Dense(contribution.reshape(contribution.shape[0], -1).to(self.acc[name].dtype))
         if name in self.immediate:
-            accumulate([contribution], self.acc[name], self.power)
+            self._accumulate(name, [contribution])
         elif name in self.tied and type(contribution) is Factored and not self.stash.get(name):
             self._fold_tied(name, contribution)
         else:
@@ -606,6 +615,8 @@ class ImportancePass:
         params = {self.runner_path[n]: self.by_name[n] for n in names}
         acc = {self.runner_path[n]: self.acc[n] for n in names}
         had_loop = self.fallback_state.get("use_loop", False)
+        if self.runner is None:
+            self.runner = Runner(self.model, self.forward)
         per_sample_accumulate(self.runner, params, batch, size, variants, acc, self.power, self.fallback_state,
                               self.objective.output_fn)
         if self.fallback_state.get("use_loop") and not had_loop:

@@ -65,6 +65,7 @@ from ..distributed import (
     local_shard,
 )
 from .batches import default_forward
+from .contributions import Accumulators
 from .engine import ImportancePass, PerSampleFallbackWarning
 from .objectives import IGNORE_INDEX, FisherObjective, MASObjective
 
@@ -225,8 +226,8 @@ def _run(model, data, objective, power, max_samples, forward, params, verbose, d
     raw_names = {canonical_name(raw): raw for raw, _ in base.named_parameters()}
     device = _model_device(base)
     # full-size accumulators, also for FSDP2 (DTensor) parameters: see _reduce
-    acc = {n: torch.zeros(by_name[n].shape, dtype=acc_dtype(by_name[n].dtype), device=by_name[n].device)
-           for n in selected}
+    acc = Accumulators({n: torch.empty(by_name[n].shape, dtype=acc_dtype(by_name[n].dtype), device=by_name[n].device)
+                        for n in selected})
     sharded = any(is_dtensor(by_name[n]) for n in selected)
     pass_ = ImportancePass(base, selected, by_name, raw_names, acc, objective, power, forward or default_forward,
                            forward is None, device)
