@@ -90,19 +90,22 @@ class _RuleFunction(torch.autograd.Function):
         # tracer need not see the op: it is tagged after the call.
         with torch._C._DisableTorchDispatch():
             out, saved = use.rule.forward(use.call)
-        ctx.sink, ctx.use, ctx.n_params = sink, use, len(params)
-        ctx.save_for_backward(x, *[s.detach() for s in saved])
+        ctx.state = (sink, use, len(params))
+        if saved:
+            ctx.save_for_backward(x, *[s.detach() for s in saved])
+        else:
+            ctx.save_for_backward(x)
         return out
 
     @staticmethod
     def backward(ctx, g):
         x, *saved = ctx.saved_tensors
-        use = ctx.use
+        sink, use, n_params = ctx.state
         call = use.call._replace(x=x)
         saved = tuple(saved)
-        ctx.sink(use, call, saved, g)
+        sink(use, call, saved, g)
         grad_x = use.rule.input_grad(call, saved, g) if ctx.needs_input_grad[2] else None
-        return (None, None, grad_x) + (None,) * ctx.n_params
+        return (None, None, grad_x) + (None,) * n_params
 
 
 # torch.autograd.Function.apply walks its arguments for functorch wrappers before calling the C++
@@ -188,7 +191,7 @@ class Capture(TorchFunctionMode):
         super().__init__()
         self.tracked = tracked
         self.sink, self.on_boundary = sink, on_boundary
-        self._mha_impl = self._instrumented_mha()
+        self._mha_impl = False  # built on first use (see _instrumented_mha)
         self.begin(None)
 
     def begin(self, tracer, steps=None) -> None:
@@ -466,6 +469,8 @@ class Capture(TorchFunctionMode):
             return self._call(func, args, kwargs)
         if self.steps is not None:
             self.steps.unreplayable()  # the projections inside are separate records: no step of its own
+        if self._mha_impl is False:
+            self._mha_impl = self._instrumented_mha()
         if self._mha_impl is None:
             out = self._call(func, args, kwargs)
             self._unprovable(carrying, "multi_head_attention_forward could not be instrumented")

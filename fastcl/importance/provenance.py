@@ -68,7 +68,7 @@ def per_sample(t: torch.Tensor, tag: Batched) -> torch.Tensor:
     d, n, inner = tag
     outer = t.shape[d] // (n * inner)
     if outer == 1 and inner == 1:
-        return t.movedim(d, 0).unsqueeze(d + 1)
+        return t.unsqueeze(1) if d == 0 else t.movedim(d, 0).unsqueeze(d + 1)
     return t.unflatten(d, (outer, n, inner)).movedim(d + 1, 0).flatten(d + 1, d + 2)
 
 
