@@ -12,7 +12,8 @@ forward and the losses call), with
 * its signature: the function, every non-tensor argument (compared by type and value), and
   for each tensor argument its tag, shape, strides, dtype and ``requires_grad``, which
   arguments are the same tensor, and the grad mode;
-* the shape, dtype and tag of each tensor it returns.
+* the shape, dtype and tag of each tensor it returns, and whether the capture made a record
+  of it (calls it makes none of are replayed as the call alone).
 
 **Why a replay gives the tracer's tags.** A tag is a function of the ATen ops the call runs,
 their tensor arguments' tags and metadata, and their non-tensor arguments (the tracer's
@@ -78,6 +79,7 @@ class _Opaque(Exception):
 class Step(NamedTuple):
     signature: tuple
     outputs: tuple  # ((shape, dtype, tag), ...) of the tensors the call returned
+    plain: bool  # the capture made no record of it (no use, boundary or unprovable parameter): replayed as the call alone
 
 
 class Script(NamedTuple):
@@ -160,9 +162,11 @@ class Recorder:
         if sig is None:
             self.ok = False
             return capture.dispatch(func, args, kwargs)
+        records = (len(capture.uses), len(capture.boundaries), len(capture.unprovable))
         out = capture.dispatch(func, args, kwargs)
+        plain = records == (len(capture.uses), len(capture.boundaries), len(capture.unprovable))
         tag = self.tracer.tag
-        self.steps.append(Step(sig, tuple((o.shape, o.dtype, tag(o)) for o in tensor_outputs(out))))
+        self.steps.append(Step(sig, tuple((o.shape, o.dtype, tag(o)) for o in tensor_outputs(out)), plain))
         return out
 
     def unreplayable(self) -> None:
@@ -203,6 +207,10 @@ class Player:
             self._diverge()
         self.pos += 1
         self.pending = rec.outputs
+        if rec.plain:  # the capture would only run the call
+            out = func(*args, **kwargs)
+            self.ran(out)
+            return out
         out = capture.dispatch(func, args, kwargs)
         if self.pending is not None:  # the capture ran the op itself (a rule's autograd Function): compare tags
             self.pending = None
