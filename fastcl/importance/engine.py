@@ -43,6 +43,7 @@ from .fallback import Runner, per_sample_accumulate
 from .objectives import check_losses
 from .provenance import Batched, Tracer, Unknown, per_sample
 from .replay import Diverged, Player, Recorder, batch_key
+from .rules.embedding import EmbeddingRule
 
 __all__ = ["ImportancePass", "PerSampleFallbackWarning"]
 
@@ -103,6 +104,8 @@ class ImportancePass:
         self.replay = True  # off under FSDP2 (see install)
         self.scripts: dict = {}  # batch_key -> replay.Script (None: trace every batch of that key)
         self.divergences: dict = defaultdict(int)
+        self.script = None  # the record the current batch replays (or just recorded)
+        self.plans: dict = {}  # id(script) -> (script, the plan of its batches)
         self.capture = Capture(self.tracked, self._on_use_grad, self._on_boundary)
         self._reset()
 
@@ -223,6 +226,7 @@ class ImportancePass:
         tags the batch's tensors, or, when an earlier batch of the same shapes left a record, the
         record is replayed without it (:mod:`.replay`); a replay that diverges is traced again.
         """
+        self.script = None
         if seed in (None, 1):
             return (None, *self._phases(batch, None, None))
         key = batch_key(leaves) if self.replay else None
@@ -233,6 +237,7 @@ class ImportancePass:
             try:
                 result = self._phases(batch, tracer, player)
                 if not player.diverged:
+                    self.script = script
                     return (tracer, *result)
             except Diverged:
                 pass
@@ -253,7 +258,7 @@ class ImportancePass:
             tracer.release()
             raise
         if recorder is not None:
-            self.scripts[key] = recorder.script()
+            self.scripts[key] = self.script = recorder.script()
         return (tracer, *result)
 
     def _tracer(self, leaves, seed) -> Tracer:
@@ -303,6 +308,21 @@ class ImportancePass:
     def _plan(self, losses, tracer, seed, size) -> dict[str, str]:
         capture = self.capture
         self.uses_by_key = {u.key: u for u in capture.uses}
+        script = self.script
+        cached = self.plans.get(id(script)) if script is not None else None
+        if cached is not None and cached[0] is script:
+            # A replayed batch: the records, tags and sizes the plan derives from are the recorded ones.
+            _, reasons, self.fallback, self.active, self.immediate, tied = cached
+            self.tied = {n: [self.uses_by_key[k] for k in keys] for n, keys in tied.items()}
+            return dict(reasons)
+        reasons = self._decide(losses, tracer, seed, size)
+        if script is not None:
+            self.plans[id(script)] = (script, dict(reasons), self.fallback, self.active, self.immediate,
+                                      {n: [u.key for u in uses] for n, uses in self.tied.items()})
+        return reasons
+
+    def _decide(self, losses, tracer, seed, size) -> dict[str, str]:
+        capture = self.capture
         reasons: dict[str, str] = {}
         if tracer is None:
             if size != 1:
@@ -345,8 +365,8 @@ class ImportancePass:
 
     def _find_tied(self, sources) -> None:
         """Parameters used by one batched linear map and batched embeddings only (a tied LM head)."""
-        from .rules.embedding import EmbeddingRule
-
+        if not any(isinstance(u.rule, EmbeddingRule) for u in self.capture.uses):
+            return
         uses = defaultdict(list)
         for use in self.capture.uses:
             for slot in self.active.get(use.key, ()):
