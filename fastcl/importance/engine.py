@@ -287,8 +287,25 @@ class ImportancePass:
                 steps.end_phase()
         return outputs, targets, variants, losses
 
-    def check_finite(self, batches: int) -> None:
-        """Raise, naming the parameters, if an importance is not finite (one summing pass over each)."""
+    def check_finite(self, batches: int, scale: int | None = None) -> bool:
+        """Raise, naming the parameters, if an importance is not finite (one pass over each).
+
+        ``scale``: the sample count, when the caller divides by it next. For float32 accumulators
+        on one device the pass divides too (one fused ``x · (1/scale)`` per element, within an ulp of
+        ``x / scale``); returns whether it did.
+        """
+        tensors = [self.acc[n] for n in self.selected]
+        if (scale is not None and all(t.dtype == torch.float32 for t in tensors)
+                and len({t.device for t in tensors}) == 1):
+            found = torch.zeros(1, device=tensors[0].device)
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.full((1,), 1.0 / scale, device=found.device))
+            if bool(found):
+                self._find_non_finite(batches)  # raises, naming them
+            return True
+        self._find_non_finite(batches)
+        return False
+
+    def _find_non_finite(self, batches: int) -> None:
         by_device = defaultdict(list)
         for n in self.selected:
             by_device[self.acc[n].device].append(n)

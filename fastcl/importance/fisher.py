@@ -218,7 +218,9 @@ def _run(model, data, objective, power, max_samples, forward, params, verbose, d
         raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be callable, got {type(forward).__name__}")
-    groups = data_parallel_groups(model)  # before unwrapping: DDP's group lives on the wrapper
+    # before unwrapping: DDP's group lives on the wrapper (no process group: neither DDP nor DTensors exist)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    groups = data_parallel_groups(model) if distributed else ()
     base = unwrap_model(model)
     named = _canonical_parameters(base)
     by_name = dict(named)
@@ -273,7 +275,8 @@ def _run(model, data, objective, power, max_samples, forward, params, verbose, d
             by_name[n].requires_grad_(flag)
         for m, mode in modes.items():
             m.training = mode
-    pass_.check_finite(index + 1 if seen else 0)
+    # One rank: the division by the sample count goes into the finiteness pass.
+    scaled = pass_.check_finite(index + 1 if seen else 0, scale=counted if not groups and counted else None)
     seen, counted = _agree(groups, seen, counted)
     if seen == 0:
         raise ValueError("data yielded no samples: the importance needs at least one batch with one sample")
@@ -282,7 +285,7 @@ def _run(model, data, objective, power, max_samples, forward, params, verbose, d
             f"every sample's targets are the ignore index {IGNORE_INDEX}: no sample has a label, so the Fisher "
             "is undefined (it would be all zeros)"
         )
-    return _reduce(acc, selected, by_name, counted, groups)
+    return _reduce(acc, selected, by_name, 1 if scaled else counted, groups)
 
 
 def _agree(groups, seen: int, counted: int, failed: bool = False) -> tuple[int, int]:
@@ -322,7 +325,7 @@ def _reduce(acc, selected, by_name, count, groups):
         if is_dtensor(p):
             out[n] = as_dtensor_like(local_shard(total, p).clone().div_(count), p)
         else:
-            out[n] = total.div_(count)
+            out[n] = total.div_(count) if count != 1 else total
         del total
     return out
 
