@@ -6,8 +6,6 @@ use whose result depends on a sample's position in the batch must take the exact
 """
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +17,9 @@ from .reference import (
     assert_matches,
     cross_entropy_loss,
     float64_copy,
+    in_batches,
     mas_loss,
+    no_fallback,
     per_sample_importance,
     split,
 )
@@ -27,23 +27,11 @@ from .reference import (
 CLASSES = 3
 
 
-def _batches(x, y, sizes):
-    out, start = [], 0
-    for s in sizes:
-        out.append((x[start:start + s], y[start:start + s]))
-        start += s
-    return out
-
-
-def _no_fallback(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PerSampleFallbackWarning)
-        return fn(*args, **kwargs)
 
 
 def _fisher_matches(model, x, y, sizes, rtol=1e-8, atol=1e-12, params=None):
     ref = per_sample_importance(float64_copy(model), split(x.double(), y), cross_entropy_loss)
-    got = _no_fallback(diagonal_fisher, model, _batches(x, y, sizes), params=params)
+    got = no_fallback(diagonal_fisher, model, in_batches(x, y, sizes), params=params)
     assert_matches(got, ref, rtol=rtol, atol=atol, names=params)
     for name in got:
         assert ref[name].abs().max() > 0, name  # every parameter is exercised
@@ -186,7 +174,7 @@ def test_parameter_used_several_times_sums_before_squaring():
     y = torch.randint(0, CLASSES, (7,), generator=gen)
     _fisher_matches(model, x, y, [4, 3])
     mas_ref = per_sample_importance(model, split(x), mas_loss, power=1)
-    assert_matches(_no_fallback(mas_importance, model, [x[:4], x[4:]]), mas_ref)
+    assert_matches(no_fallback(mas_importance, model, [x[:4], x[4:]]), mas_ref)
 
 
 class SeqFirst(nn.Module):
@@ -323,7 +311,7 @@ def test_parameter_spanning_the_batch_takes_the_fallback():
     # only ``w``: the other layers' batched and single-sample semantics differ in this model
     ref = per_sample_importance(model, split(x, y), cross_entropy_loss)
     with pytest.warns(PerSampleFallbackWarning, match="w .*position in the batch"):
-        got = diagonal_fisher(model, _batches(x, y, [4]), params=["w"])
+        got = diagonal_fisher(model, in_batches(x, y, [4]), params=["w"])
     assert_matches(got, ref, names=["w"])
 
 

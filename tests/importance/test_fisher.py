@@ -14,6 +14,7 @@ from .reference import (
     cross_entropy_loss,
     exact_fisher,
     float64_copy,
+    in_batches,
     mas_loss,
     per_sample_importance,
     split,
@@ -25,13 +26,6 @@ def _data(n, d_in=7, classes=4, seed=0, dtype=torch.float64):
     return torch.randn(n, d_in, generator=gen, dtype=dtype), torch.randint(0, classes, (n,), generator=gen)
 
 
-def _chunks(x, y, sizes):
-    out, start = [], 0
-    for s in sizes:
-        out.append((x[start:start + s], y[start:start + s]))
-        start += s
-    return out
-
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-8), (torch.float32, 2e-4)])
 def test_mlp_empirical_matches_loop(dtype, rtol):
@@ -39,7 +33,7 @@ def test_mlp_empirical_matches_loop(dtype, rtol):
     model = models.mlp().to(dtype)
     x, y = _data(9, seed=1)
     ref = per_sample_importance(float64_copy(model), split(x, y), cross_entropy_loss)
-    got = diagonal_fisher(model, _chunks(x.to(dtype), y, [5, 4]))
+    got = diagonal_fisher(model, in_batches(x.to(dtype), y, [5, 4]))
     assert all(v.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) for v in got.values())
     assert all(v.shape == p.shape for v, (_, p) in zip(got.values(), model.named_parameters()))
     assert_matches(got, ref, rtol=rtol, atol=1e-7 if dtype == torch.float32 else 1e-12)
@@ -49,7 +43,7 @@ def test_ragged_batches_and_max_samples():
     torch.manual_seed(2)
     model = float64_copy(models.mlp())
     x, y = _data(9, seed=2)
-    batches = _chunks(x, y, [5, 3, 1])
+    batches = in_batches(x, y, [5, 3, 1])
     assert_matches(diagonal_fisher(model, batches), per_sample_importance(model, split(x, y), cross_entropy_loss))
     # max_samples=7 uses 5 + the first 2 of the second batch, and never touches the third
     consumed = []
@@ -109,7 +103,7 @@ def test_exact_kind_matches_loop_over_classes(top_k):
     model = float64_copy(models.mlp(classes=4))
     x, y = _data(7, seed=5)
     ref = exact_fisher(model, split(x), top_k=top_k)
-    got = diagonal_fisher(model, _chunks(x, y, [4, 3]), kind="exact", top_k=top_k)
+    got = diagonal_fisher(model, in_batches(x, y, [4, 3]), kind="exact", top_k=top_k)
     assert_matches(got, ref)
     if top_k is not None:  # no renormalisation: strictly below the full sum somewhere
         full = exact_fisher(model, split(x))
@@ -318,7 +312,7 @@ def test_ignored_labels_are_not_samples():
     y_ignored[[1, 4, 8]] = -100
     keep = y_ignored != -100
     ref = per_sample_importance(model, split(x[keep], y[keep]), cross_entropy_loss)
-    assert_matches(diagonal_fisher(model, _chunks(x, y_ignored, [5, 4])), ref)
+    assert_matches(diagonal_fisher(model, in_batches(x, y_ignored, [5, 4])), ref)
     with pytest.raises(ValueError, match="ignore index -100"):
         diagonal_fisher(model, [(x, torch.full_like(y, -100))])
 
@@ -355,7 +349,7 @@ def test_float_targets_need_a_loss_fn_and_the_documented_squared_error_works():
         return 0.5 * (out - target).square().flatten(1).sum(1)
 
     ref = per_sample_importance(model, split(x, y), lambda m, xs, ys: squared_error(m(xs), ys).sum())
-    assert_matches(diagonal_fisher(model, _chunks(x, y, [4, 3]), squared_error), ref)
+    assert_matches(diagonal_fisher(model, in_batches(x, y, [4, 3]), squared_error), ref)
 
 
 def test_labels_out_of_range_name_the_label_and_the_classes():

@@ -13,18 +13,13 @@ from .reference import (
     assert_matches,
     cross_entropy_loss,
     float64_copy,
+    in_batches,
     mas_loss,
+    no_fallback,
     per_sample_importance,
     split,
+    with_fallback_warnings,
 )
-
-
-def _batches(x, y, sizes):
-    out, start = [], 0
-    for s in sizes:
-        out.append((x[start:start + s], y[start:start + s]))
-        start += s
-    return out
 
 
 def _case(name, gen):
@@ -66,9 +61,7 @@ def test_empirical_fisher_matches_per_sample_loop(arch):
     if x.is_floating_point():
         x = x.double()
     ref = per_sample_importance(model, split(x, y), cross_entropy_loss)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PerSampleFallbackWarning)  # every layer here has a rule
-        got = diagonal_fisher(model, _batches(x, y, sizes))
+    got = no_fallback(diagonal_fisher, model, in_batches(x, y, sizes))  # every layer here has a rule
     assert_matches(got, ref)
 
 
@@ -80,9 +73,7 @@ def test_mas_matches_per_sample_loop(arch):
     if x.is_floating_point():
         x = x.double()
     ref = per_sample_importance(model, split(x), mas_loss, power=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PerSampleFallbackWarning)
-        got = mas_importance(model, [xb for xb, _ in _batches(x, y, sizes)])
+    got = no_fallback(mas_importance, model, [xb for xb, _ in in_batches(x, y, sizes)])
     assert_matches(got, ref)
 
 
@@ -93,11 +84,8 @@ def test_recurrent_layers_use_the_fallback_with_a_warning(cell):
     x = torch.randn(6, 5, 4, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (6,), generator=gen)
     ref = per_sample_importance(model, split(x, y), cross_entropy_loss)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        got = diagonal_fisher(model, [(x[:4], y[:4]), (x[4:], y[4:])])
+    got, fallback = with_fallback_warnings(diagonal_fisher, model, [(x[:4], y[:4]), (x[4:], y[4:])])
     assert_matches(got, ref)
-    fallback = [str(w.message) for w in record if issubclass(w.category, PerSampleFallbackWarning)]
     named = [m for m in fallback if "no per-sample rule" in m]
     assert len(named) == 1  # once per call, not once per batch
     for p in ("rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0"):
@@ -178,11 +166,9 @@ def test_multihead_attention_direct(cross, batch_first):
     x = torch.randn(5, 4, 6, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (5,), generator=gen)
     ref = per_sample_importance(model, split(x, y), cross_entropy_loss)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        got = diagonal_fisher(model, [(x[:4], y[:4]), (x[4:], y[4:])])
+    got, fallback = with_fallback_warnings(diagonal_fisher, model, [(x[:4], y[:4]), (x[4:], y[4:])])
     assert_matches(got, ref)
-    text = " ".join(str(w.message) for w in record if issubclass(w.category, PerSampleFallbackWarning))
+    text = " ".join(fallback)
     assert text == ""  # cross-attention splits the packed weight: followed to where each part meets the batch
 
 
@@ -206,7 +192,5 @@ def test_convolution_with_asymmetric_same_padding_groups_and_unbatched_shared_in
     model = float64_copy(Net())
     x = torch.randn(5, 4, *(7,) * nd, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (5,), generator=gen)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PerSampleFallbackWarning)
-        got = diagonal_fisher(model, [(x[:3], y[:3]), (x[3:], y[3:])])
+    got = no_fallback(diagonal_fisher, model, [(x[:3], y[:3]), (x[3:], y[3:])])
     assert_matches(got, per_sample_importance(model, split(x, y), cross_entropy_loss))

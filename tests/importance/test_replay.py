@@ -14,7 +14,7 @@ from torch import nn
 from fastcl.importance import diagonal_fisher, engine, mas_importance, replay
 
 from . import models
-from .reference import assert_matches, cross_entropy_loss, float64_copy, mas_loss, per_sample_importance, split
+from .reference import assert_matches, cross_entropy_loss, float64_copy, in_batches, mas_loss, per_sample_importance, split
 
 STEPS = 6
 
@@ -45,13 +45,6 @@ def spy(monkeypatch):
     monkeypatch.setattr(replay.Recorder, "script", script)
     return stats
 
-
-def _batches(x, y, sizes):
-    out, start = [], 0
-    for s in sizes:
-        out.append((x[start:start + s], y[start:start + s]))
-        start += s
-    return out
 
 
 def _case(name, gen):
@@ -87,7 +80,7 @@ def test_replayed_batches_match_the_per_sample_loop(case, sizes, spy):
     model = float64_copy(model)
     y = torch.randint(0, classes, (x.shape[0],), generator=gen)
     sizes, replays = SIZES[sizes]
-    got = diagonal_fisher(model, _batches(x, y, sizes))
+    got = diagonal_fisher(model, in_batches(x, y, sizes))
     assert_matches(got, per_sample_importance(model, split(x, y), cross_entropy_loss), rtol=1e-8, atol=1e-13)
     # two shapes recorded, every other batch replayed, nothing diverged
     assert len(spy["scripts"]) == 2 and all(s is not None for s in spy["scripts"])
@@ -99,7 +92,7 @@ def test_replayed_mas_matches_the_per_sample_loop(spy):
     torch.manual_seed(11)
     model = float64_copy(models.PositionTable(steps=STEPS))
     x = torch.randint(0, 11, (36, STEPS), generator=gen)
-    got = mas_importance(model, [b for b, _ in _batches(x, x, SIZES["mixed"][0])])
+    got = mas_importance(model, [b for b, _ in in_batches(x, x, SIZES["mixed"][0])])
     assert_matches(got, per_sample_importance(model, split(x), mas_loss, power=1), rtol=1e-8, atol=1e-13)
     assert spy["replays"] == 3
 
@@ -123,7 +116,7 @@ def test_a_forward_that_branches_on_the_data_diverges_and_is_traced(spy):
     x = torch.randn(20, 4, generator=gen, dtype=torch.float64)
     x[0::5, 0] = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)  # the branch of each batch of 5
     y = torch.randint(0, 3, (20,), generator=gen)
-    got = diagonal_fisher(model, _batches(x, y, [5, 5, 5, 5]))
+    got = diagonal_fisher(model, in_batches(x, y, [5, 5, 5, 5]))
     assert_matches(got, per_sample_importance(model, split(x, y), _branch_loss(x, y)), rtol=1e-8, atol=1e-13)
     assert spy["diverged"] >= 1
 
@@ -159,7 +152,7 @@ def test_tags_read_from_values_are_not_replayed(spy):
     model = float64_copy(_RandomScale())
     x = torch.randn(12, 4, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (12,), generator=gen)
-    got = diagonal_fisher(model, _batches(x, y, [4, 4, 4]))
+    got = diagonal_fisher(model, in_batches(x, y, [4, 4, 4]))
     assert_matches(got, per_sample_importance(model, split(x, y), cross_entropy_loss), rtol=1e-8, atol=1e-13)
     assert spy["scripts"] == [None] and spy["replays"] == 0  # traced every batch
 
