@@ -72,7 +72,7 @@ class Boundary:
     deps: tuple  # their deps
     z_tag: Batched
     z_index: Any  # None: the output; int: that output; "mutated:<i>": leaf i, written in place
-    kind: str | None = None  # "add" (scale) or "mul" (other) when the per-sample gradient has a closed form
+    op: str | None = None  # "add" (scale) or "mul" (other) when the per-sample gradient has a closed form
     scale: float = 1.0
     other: torch.Tensor | None = None
     versions: tuple = ()  # version counters of ``leaves`` and ``other`` when recorded
@@ -123,7 +123,7 @@ def _apply(*args):
 
 
 def _elementwise_funcs() -> dict:
-    """``{func: (kind, sign, in_place)}`` for the spellings of ``a + b``, ``a - b`` and ``a * b``."""
+    """``{func: (op, sign, in_place)}`` for the spellings of ``a + b``, ``a - b`` and ``a * b``."""
     names = {
         ("add", 1, False): ("add", "__add__", "__radd__"),
         ("add", -1, False): ("sub", "subtract", "__sub__"),
@@ -133,12 +133,12 @@ def _elementwise_funcs() -> dict:
     }
     owners = [torch, torch.Tensor] + [getattr(torch._C, n) for n in ("TensorBase", "_TensorBase") if hasattr(torch._C, n)]
     table = {}
-    for kind, attrs in names.items():
+    for op, attrs in names.items():
         for owner in owners:
             for attr in attrs:
                 func = getattr(owner, attr, None)
                 if func is not None and func not in table:
-                    table[func] = kind
+                    table[func] = op
     return table
 
 
@@ -395,13 +395,13 @@ class Capture(TorchFunctionMode):
             where = "mutated:0"
         if not z.requires_grad:
             return out
-        kind, scale, other = None, 1.0, None
+        op, scale, other = None, 1.0, None
         if closed is not None:
-            kind, scale, other = closed
+            op, scale, other = closed
             s = leaves[carrying[0][0]]
             d = z_tag.dim - (z.dim() - s.dim())
             if d >= 0 and s.shape[d] != 1:
-                kind = None  # the shared tensor is not broadcast over the samples: the general path
+                op = None  # the shared tensor is not broadcast over the samples: the general path
                 if in_place:
                     self._unprovable(deps, f"added in place by {name} without broadcasting over the samples")
                     return out
@@ -409,28 +409,28 @@ class Capture(TorchFunctionMode):
         b = Boundary(
             next(self._keys), func, tuple(snapshot), spec, tuple(i for i, _ in carrying),
             tuple(leaves[i] for i, _ in carrying), tuple(t.deps for _, t in carrying), z_tag, where,
-            kind, scale, other, record_versions,
+            op, scale, other, record_versions,
         )
         self.boundaries.append(b)
         z.register_hook(functools.partial(self.on_boundary, b))
         return out
 
     def _closed_form(self, func, args, kwargs, carrying):
-        """``(kind, scale, other)`` for ``x ± α·s``, ``s ± α·x`` and ``x * s``, else ``None``.
+        """``(op, scale, other)`` for ``x ± α·s``, ``s ± α·x`` and ``x * s``, else ``None``.
 
-        ``kind="add"``: ``∂z/∂s = scale``; ``kind="mul"``: ``∂z/∂s = other`` (the batched operand).
+        ``op="add"``: ``∂z/∂s = scale``; ``op="mul"``: ``∂z/∂s = other`` (the batched operand).
         """
         entry = _ELEMENTWISE.get(func)
         if entry is None or len(carrying) != 1 or len(args) != 2 or set(kwargs) - {"alpha"}:
             return None
-        kind, sign, _ = entry
+        op, sign, _ = entry
         alpha = kwargs.get("alpha", 1)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or (kind == "mul" and "alpha" in kwargs):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or (op == "mul" and "alpha" in kwargs):
             return None
         pos = carrying[0][0]
         if pos > 1 or not isinstance(args[1 - pos], torch.Tensor) or not isinstance(args[pos], torch.Tensor):
             return None
-        if kind == "add":
+        if op == "add":
             return "add", (1.0 if pos == 0 else float(sign * alpha)), None
         return "mul", 1.0, args[1 - pos].detach()
 

@@ -310,7 +310,7 @@ def sparse_correction(out, row, a_rows, values, power) -> None:
 
 
 def _accumulate_dense(items, out, power, batch):
-    """Mixed contribution kinds (or convolutions): per-sample gradients in bounded chunks of samples."""
+    """Mixed contribution types (or convolutions): per-sample gradients in bounded chunks of samples."""
     numel = out.numel()
     lazy = (Factored, ConvGrads)
     per_sample = numel * out.element_size() * 2 + sum(c.sample_bytes() for c in items if isinstance(c, lazy))

@@ -547,9 +547,9 @@ class ImportancePass:
         for leaf, version in zip(b.leaves, b.versions):
             if isinstance(leaf, torch.Tensor) and version is not None and leaf._version != version:
                 raise _Failed("an input was modified in place after the call")
-        if b.kind == "add":
+        if b.op == "add":
             return [_sum_to(grad * b.scale if b.scale != 1 else grad, b.z_tag, b.sources[0].shape)]
-        if b.kind == "mul":
+        if b.op == "mul":
             return [_sum_to(grad * b.other, b.z_tag, b.sources[0].shape)]
         return self._vjp(b, grad)
 

@@ -99,12 +99,12 @@ def _arg_key(a, tensors: list):
     if isinstance(a, torch.Tensor):
         tensors.append(a)
         return _TENSOR
-    kind = type(a)
-    if kind in _PLAIN:
-        return (kind, a)
-    if kind is tuple or kind is list:
-        return (kind, tuple(_arg_key(b, tensors) for b in a))
-    if kind is slice:
+    cls = type(a)
+    if cls in _PLAIN:
+        return (cls, a)
+    if cls is tuple or cls is list:
+        return (cls, tuple(_arg_key(b, tensors) for b in a))
+    if cls is slice:
         return (slice, _arg_key(a.start, tensors), _arg_key(a.stop, tensors), _arg_key(a.step, tensors))
     raise _Opaque
 
