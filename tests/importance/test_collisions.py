@@ -13,19 +13,7 @@ import torch.nn.functional as F
 
 from fastcl.importance import diagonal_fisher, mas_importance
 
-from . import models
-from .reference import (
-    assert_matches,
-    cross_entropy_loss,
-    exact_fisher,
-    float64_copy,
-    in_batches,
-    mas_loss,
-    no_fallback,
-    per_sample_importance,
-    split,
-    vmap_importance,
-)
+from . import models, reference
 
 STEPS = 6
 
@@ -47,7 +35,7 @@ def _case(name, gen):
         raise AssertionError(name)
     classes = STEPS if name == "parameter_through_a_layer" else 3
     y = torch.randint(0, classes, (x.shape[0],), generator=gen)
-    return float64_copy(model), x, y, [8, STEPS]  # 14 samples: the last batch (6) collides
+    return reference.float64_copy(model), x, y, [8, STEPS]  # 14 samples: the last batch (6) collides
 
 
 CASES = ["embedding_positions", "parameter_positions", "shared_table_into_linear", "parameter_through_a_layer",
@@ -61,20 +49,20 @@ def test_collision_matches_loop_and_vmap(case, objective):
     gen = torch.Generator().manual_seed(CASES.index(case) * 10 + ["empirical", "mas", "exact"].index(objective))
     torch.manual_seed(CASES.index(case))
     model, x, y, sizes = _case(case, gen)
-    batches = in_batches(x, y, sizes)
+    batches = reference.in_batches(x, y, sizes)
     if objective == "empirical":
-        got = no_fallback(diagonal_fisher, model, batches)
-        refs = [per_sample_importance(model, split(x, y), cross_entropy_loss),
-                vmap_importance(model, batches, cross_entropy_loss)]
+        got = reference.no_fallback(diagonal_fisher, model, batches)
+        refs = [reference.per_sample_importance(model, reference.split(x, y), reference.cross_entropy_loss),
+                reference.vmap_importance(model, batches, reference.cross_entropy_loss)]
     elif objective == "mas":
-        got = no_fallback(mas_importance, model, [b for b, _ in batches])
-        refs = [per_sample_importance(model, split(x), mas_loss, power=1),
-                vmap_importance(model, [(b,) for b, _ in batches], mas_loss, power=1)]
+        got = reference.no_fallback(mas_importance, model, [b for b, _ in batches])
+        refs = [reference.per_sample_importance(model, reference.split(x), reference.mas_loss, power=1),
+                reference.vmap_importance(model, [(b,) for b, _ in batches], reference.mas_loss, power=1)]
     else:
-        got = no_fallback(diagonal_fisher, model, [b for b, _ in batches], kind="exact")
-        refs = [exact_fisher(model, split(x))]
+        got = reference.no_fallback(diagonal_fisher, model, [b for b, _ in batches], kind="exact")
+        refs = [reference.exact_fisher(model, reference.split(x))]
     for ref in refs:
-        assert_matches(got, ref, rtol=1e-8, atol=1e-13)
+        reference.assert_matches(got, ref, rtol=1e-8, atol=1e-13)
 
 
 def test_true_kind_draws_the_same_labels_as_a_loop():
@@ -87,9 +75,9 @@ def test_true_kind_draws_the_same_labels_as_a_loop():
     with torch.no_grad():
         for b in batches:
             labels.append(torch.multinomial(torch.softmax(model(b), -1), 1).squeeze(1))
-    ref = per_sample_importance(model, split(x, torch.cat(labels)), cross_entropy_loss)
+    ref = reference.per_sample_importance(model, reference.split(x, torch.cat(labels)), reference.cross_entropy_loss)
     torch.manual_seed(7)
-    assert_matches(no_fallback(diagonal_fisher, model, batches, kind="true"), ref)
+    reference.assert_matches(reference.no_fallback(diagonal_fisher, model, batches, kind="true"), ref)
 
 
 # --------------------------------------------------------------------------- Hugging Face, batch == sequence
@@ -119,8 +107,8 @@ def test_hugging_face_causal_lm_at_batch_equal_to_sequence_needsno_fallback(arch
         batch = {"input_ids": ids, "attention_mask": mask}
         return causal_lm_per_sequence_loss(model(**batch, use_cache=False).logits, causal_lm_targets(batch))[0]
 
-    got = no_fallback(diagonal_fisher, model, batches, causal_lm_per_sequence_loss, forward=causal_lm_forward)
-    assert_matches(got, per_sample_importance(model, split(ids, mask), sequence_loss))
+    got = reference.no_fallback(diagonal_fisher, model, batches, causal_lm_per_sequence_loss, forward=causal_lm_forward)
+    reference.assert_matches(got, reference.per_sample_importance(model, reference.split(ids, mask), sequence_loss))
     if arch == "gpt2":
         # the position table is the parameter a size-based guess got wrong at B == T
         assert got["transformer.wpe.weight"].abs().max() > 0
@@ -128,9 +116,9 @@ def test_hugging_face_causal_lm_at_batch_equal_to_sequence_needsno_fallback(arch
         def unmasked_loss(model, ids):
             return causal_lm_per_sequence_loss(model(input_ids=ids, use_cache=False).logits, ids)[0]
 
-        got = no_fallback(diagonal_fisher, model, [{"input_ids": ids[:8]}], causal_lm_per_sequence_loss,
+        got = reference.no_fallback(diagonal_fisher, model, [{"input_ids": ids[:8]}], causal_lm_per_sequence_loss,
                            forward=causal_lm_forward)
-        assert_matches(got, vmap_importance(model, [(ids[:8],)], unmasked_loss))
+        reference.assert_matches(got, reference.vmap_importance(model, [(ids[:8],)], unmasked_loss))
 
 
 def test_hugging_face_mas_at_batch_equal_to_sequence():
@@ -142,8 +130,8 @@ def test_hugging_face_mas_at_batch_equal_to_sequence():
     def logits_norm(model, ids):
         return model(input_ids=ids, use_cache=False).logits.square().sum()
 
-    got = no_fallback(mas_importance, model, [ids], output_fn=lambda out: out.logits)
-    assert_matches(got, per_sample_importance(model, split(ids), logits_norm, power=1))
+    got = reference.no_fallback(mas_importance, model, [ids], output_fn=lambda out: out.logits)
+    reference.assert_matches(got, reference.per_sample_importance(model, reference.split(ids), logits_norm, power=1))
 
 
 def test_float32_model_at_batch_equal_to_sequence():
@@ -151,9 +139,9 @@ def test_float32_model_at_batch_equal_to_sequence():
     gen = torch.Generator().manual_seed(41)
     torch.manual_seed(42)
     model, x, y, sizes = _case("embedding_positions", gen)
-    got = no_fallback(diagonal_fisher, model.float(), in_batches(x, y, sizes))
-    ref = per_sample_importance(model.double(), split(x, y), cross_entropy_loss)
-    assert_matches(got, ref, rtol=2e-4, atol=1e-7)
+    got = reference.no_fallback(diagonal_fisher, model.float(), reference.in_batches(x, y, sizes))
+    ref = reference.per_sample_importance(model.double(), reference.split(x, y), reference.cross_entropy_loss)
+    reference.assert_matches(got, ref, rtol=2e-4, atol=1e-7)
     assert all(v.dtype == torch.float32 for v in got.values())
 
 
@@ -161,7 +149,7 @@ def test_cross_entropy_of_logits_flattened_over_positions():
     """A loss that reshapes ``[B, T, C]`` logits to ``[B·T, C]`` and back: the samples survive the merge."""
     gen = torch.Generator().manual_seed(43)
     torch.manual_seed(44)
-    model = float64_copy(torch.nn.Sequential(torch.nn.Embedding(11, 6), torch.nn.Linear(6, 5)))
+    model = reference.float64_copy(torch.nn.Sequential(torch.nn.Embedding(11, 6), torch.nn.Linear(6, 5)))
     x = torch.randint(0, 11, (STEPS, STEPS), generator=gen)
     y = torch.randint(0, 5, (STEPS, STEPS), generator=gen)
 
@@ -171,5 +159,5 @@ def test_cross_entropy_of_logits_flattened_over_positions():
     def sample_loss(model, x, y):
         return loss_fn(model(x), y).sum()
 
-    got = no_fallback(diagonal_fisher, model, [(x, y)], loss_fn)
-    assert_matches(got, per_sample_importance(model, split(x, y), sample_loss))
+    got = reference.no_fallback(diagonal_fisher, model, [(x, y)], loss_fn)
+    reference.assert_matches(got, reference.per_sample_importance(model, reference.split(x, y), sample_loss))
