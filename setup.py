@@ -128,12 +128,12 @@ SKIPPED: dict[str, str] = {}  # extension name -> why it was not attempted (fill
 
 
 class BuildProblem(Exception):
-    """Why an extension was not built: ``kind`` is one of no-pybind11, no-compiler, compile-error,
+    """Why an extension was not built: ``outcome`` is one of no-pybind11, no-compiler, compile-error,
     link-error, no-nvcc, nvcc-error, error; the message says what to do."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, outcome: str, message: str):
         super().__init__(message)
-        self.kind = kind
+        self.outcome = outcome
 
 
 def _error_lines(output: str, limit: int = 6) -> str:
@@ -146,7 +146,7 @@ def _error_lines(output: str, limit: int = 6) -> str:
 class OptionalBuildExt(build_ext):
     """build_ext where each extension is optional: a failure is reported, recorded and skipped.
 
-    Every outcome goes into ``fastcl/_build_status.json`` (``{name: {"built", "kind",
+    Every outcome goes into ``fastcl/_build_status.json`` (``{name: {"built", "outcome",
     "reason"}}``), which ``fastcl info`` reads back, and a failure prints a banner on
     stderr naming the cause: pybind11 missing, no C++ compiler, a compile error (with the
     compiler's first error lines) or a link error. ``FASTCL_REQUIRE_CPP=1`` turns a
@@ -158,7 +158,7 @@ class OptionalBuildExt(build_ext):
         self._compiler_output = ""
         super().run()  # calls build_extensions when there is anything to build
         for name, why in SKIPPED.items():
-            self._status.setdefault(name, {"built": False, "kind": "skipped", "reason": why})
+            self._status.setdefault(name, {"built": False, "outcome": "skipped", "reason": why})
         self._write_status()
         cpp = self._status.get("fastcl._C", {"built": False, "reason": "not attempted"})
         if os.environ.get("FASTCL_REQUIRE_CPP") == "1" and not cpp["built"]:
@@ -172,13 +172,13 @@ class OptionalBuildExt(build_ext):
                 self._configure(ext)
                 self.build_extension(ext)
                 built.append(ext)
-                self._status[ext.name] = {"built": True, "kind": "built", "reason": None}
+                self._status[ext.name] = {"built": True, "outcome": "built", "reason": None}
             except Exception as exc:  # compile/link errors, missing tools: never fail the install
                 problem = self._diagnose(exc)
-                self._status[ext.name] = {"built": False, "kind": problem.kind, "reason": str(problem)}
+                self._status[ext.name] = {"built": False, "outcome": problem.outcome, "reason": str(problem)}
                 bar = "=" * 78
                 print(
-                    f"\n{bar}\nWARNING: fastcl could not build {ext.name} ({problem.kind}).\n{problem}\n"
+                    f"\n{bar}\nWARNING: fastcl could not build {ext.name} ({problem.outcome}).\n{problem}\n"
                     f"fastcl installs without it and uses its other backends for those ops; `fastcl info` repeats this.\n"
                     f"{bar}\n",
                     file=sys.stderr, flush=True,

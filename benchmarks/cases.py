@@ -34,7 +34,7 @@ class PenaltyCase(NamedTuple):
 
 
 class ModelCase(NamedTuple):
-    label: str      # the model kind (inputs.MODEL_KINDS)
+    label: str      # the model architecture (inputs.ARCHITECTURES)
     samples: int
     batch: int
 
@@ -108,10 +108,10 @@ _TABLES = {"penalty": PENALTY, "fisher": FISHER, "distill": DISTILL, "fused_line
 
 def size_set(device: torch.device | str, *, quick: bool = False, pytest: bool = False) -> str:
     """The size-set name for a device: ``quick``, ``cpu``, ``gpu``, ``pytest-cpu`` or ``pytest-gpu``."""
-    kind = "gpu" if torch.device(device).type == "cuda" else "cpu"
+    platform = "gpu" if torch.device(device).type == "cuda" else "cpu"
     if pytest:
-        return f"pytest-{kind}"
-    return "quick" if quick else kind
+        return f"pytest-{platform}"
+    return "quick" if quick else platform
 
 
 def cases(op: str, size: str) -> tuple:

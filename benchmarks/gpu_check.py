@@ -14,8 +14,8 @@ Sections (each timed and budgeted; one that fails or raises is recorded and the 
     matmul rates (bf16, fp32 without TF32, TF32) in TFLOP/s: the ceilings of
     ``benchmarks/NOTES.md``'s floors.
 ``penalty``, ``sqgrad``, ``distill``, ``fused``
-    Every kernel against the float64 oracles of ``oracles.py`` (the library's references
-    run in float64) on the same (fresh, random) inputs, computed chunk by chunk so memory
+    Every kernel against the float64 oracles the tests use (``fastcl.testing``, through
+    ``oracles.py``) on the same (fresh, random) inputs, computed chunk by chunk so memory
     stays bounded; each check lives with its op in ``suites/``. Element-wise checks:
     ``|got − want| ≤ bound`` with a bound made of the output dtype's rounding
     (``rtol·|want|``) plus the float32 compute error allowed by the magnitudes of the
@@ -143,7 +143,8 @@ def section_env(ctx: Context, sec: SectionResult) -> None:
     try:
         from fastcl.ops import backend_status
 
-        env["backend_status"] = {dev: backend_status(dev) for dev in ("cuda", "cpu")}
+        env["backend_status"] = {dev: {b: s.reason if not s.available else None for b, s in backend_status(dev).items()}
+                                 for dev in ("cuda", "cpu")}
     except Exception as exc:  # noqa: BLE001
         env["backend_status"] = f"raised {type(exc).__name__}: {exc}"
     env["tunables"] = triton_tunables()

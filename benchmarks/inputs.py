@@ -21,7 +21,7 @@ __all__ = [
     "TinyTransformer",
     "make_model",
     "make_batches",
-    "MODEL_KINDS",
+    "ARCHITECTURES",
     "make_logits",
     "make_lm_head",
 ]
@@ -180,40 +180,40 @@ def gpt2_shaped(vocab: int = 2000, d_model: int = 128, layers: int = 2, heads: i
     return CausalLMLogits(transformers.GPT2LMHeadModel(config))
 
 
-MODEL_KINDS = ("mlp", "cnn", "transformer", "transformer_emb", "transformer_param", "gpt2")
+ARCHITECTURES = ("mlp", "cnn", "transformer", "transformer_emb", "transformer_param", "gpt2")
 SEQ_LEN = 32
 VOCAB = {"transformer_emb": 1000, "transformer_param": 1000, "gpt2": 2000}
 
 
-def make_model(kind: str, device, seed: int = 0, *, quick: bool = False) -> nn.Module:
+def make_model(arch: str, device, seed: int = 0, *, quick: bool = False) -> nn.Module:
     torch.manual_seed(seed)
-    if kind == "mlp":
+    if arch == "mlp":
         model = mlp()
-    elif kind == "cnn":
+    elif arch == "cnn":
         model = small_cnn(8 if quick else 16)
-    elif kind == "transformer":
+    elif arch == "transformer":
         model = TinyTransformer(d_model=32 if quick else 64, layers=1 if quick else 2)
-    elif kind in ("transformer_emb", "transformer_param"):
-        model = PositionTransformer(d_model=32 if quick else 64, layers=1 if quick else 2, parameter=kind == "transformer_param")
-    elif kind == "gpt2":
+    elif arch in ("transformer_emb", "transformer_param"):
+        model = PositionTransformer(d_model=32 if quick else 64, layers=1 if quick else 2, parameter=arch == "transformer_param")
+    elif arch == "gpt2":
         model = gpt2_shaped(d_model=32 if quick else 128, layers=1 if quick else 2)
     else:
-        raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
+        raise ValueError(f"model architecture must be one of {ARCHITECTURES}, got {arch!r}")
     return model.to(device).eval()
 
 
-def make_batches(kind: str, n: int, batch: int, device, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``n`` labelled samples shaped for model ``kind``, split into batches of ``batch``.
+def make_batches(arch: str, n: int, batch: int, device, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` labelled samples shaped for model ``arch``, split into batches of ``batch``.
 
     Token models get ids ``[n, SEQ_LEN]``; the causal LM (``gpt2``) gets its ids as targets too
     (sequences of ``SEQ_LEN`` tokens: a batch of 32 has batch size = sequence length).
     """
     g = torch.Generator().manual_seed(seed)
-    if kind in VOCAB:
-        x = torch.randint(0, VOCAB[kind], (n, SEQ_LEN), generator=g).to(device)
-        y = x if kind == "gpt2" else torch.randint(0, 10, (n,), generator=g).to(device)
+    if arch in VOCAB:
+        x = torch.randint(0, VOCAB[arch], (n, SEQ_LEN), generator=g).to(device)
+        y = x if arch == "gpt2" else torch.randint(0, 10, (n,), generator=g).to(device)
     else:
-        shape = {"mlp": (784,), "cnn": (1, 28, 28), "transformer": (SEQ_LEN, 32)}[kind]
+        shape = {"mlp": (784,), "cnn": (1, 28, 28), "transformer": (SEQ_LEN, 32)}[arch]
         x = torch.randn((n, *shape), generator=g).to(device)
         y = torch.randint(0, 10, (n,), generator=g).to(device)
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]

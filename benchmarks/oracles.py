@@ -1,9 +1,8 @@
 """float64 oracles and error bounds for ``gpu_check.py``'s correctness checks.
 
-Every oracle is the op's own plain-PyTorch reference (:func:`fastcl.ops.penalty_reference`,
-:func:`fastcl.ops.distill_reference`, :func:`fastcl.ops.sqgrad_reference`) fed float64
-inputs, so it computes in float64; nothing here re-implements the math. Large inputs are
-fed in chunks (tensors, rows, samples) so that the float64 working set stays bounded.
+The oracles and the output rounding per dtype are those the tests use (:mod:`fastcl.testing`);
+this module adds the magnitudes that bound the float32 error at real sizes, and feeds large
+inputs in chunks (tensors, rows, samples) so that the float64 working set stays bounded.
 
 A kernel's output passes when ``|got − want| ≤ bound`` element-wise: the bound is the
 output dtype's rounding (``OUT_RTOL·|want|``) plus the float32 compute error allowed by the
@@ -16,7 +15,7 @@ import math
 
 import torch
 
-from fastcl.ops import distill_reference, penalty_reference, sqgrad_reference
+from fastcl.testing import KERNEL_TOLERANCES, distill_oracle, penalty_oracle, sqgrad_oracle
 
 __all__ = [
     "OUT_RTOL", "EPS32", "worst_ratio", "norm_errors", "rows_for", "grad_bound",
@@ -24,9 +23,8 @@ __all__ = [
 ]
 
 F64 = torch.float64
-# Rounding of one float32 value to the output dtype, relative to the result: one ulp (2^-7 bf16,
-# 2^-10 fp16; conversions may truncate: Triton's interpreter rounds bf16 so) with a 2× margin.
-OUT_RTOL = {torch.float32: 1e-6, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+# Rounding of one float32 value to the output dtype, relative to the result (DtypeTol.rounding).
+OUT_RTOL = {dtype: tol.rounding for dtype, tol in KERNEL_TOLERANCES}
 EPS32 = 2.0**-24
 
 
@@ -77,23 +75,21 @@ def grad_bound(want: torch.Tensor, mag: torch.Tensor, dtype: torch.dtype, roundi
 # ---------------------------------------------------------------------------- oracles
 
 
-def penalty_expected(param, anchor, weight, grad_before, *, scale: float, kind: str):
+def penalty_expected(param, anchor, weight, grad_before, *, scale: float, form: str):
     """float64 ``(value, grad after, |step|)`` of one tensor: ``value = s·Σ w·φ(θ−a)``,
     ``grad after = grad_before + s·w·φ'(θ−a)`` (``None`` without ``grad_before``)."""
-    weights = None if weight is None else [weight.to(F64)]
-    grads = None if grad_before is None else [grad_before.to(F64)]  # a fresh float64 copy: the reference adds into it
-    value = penalty_reference([param.detach().to(F64)], [anchor.to(F64)], weights, scale, kind, grads)
+    weights = None if weight is None else [weight]
+    grads = None if grad_before is None else [grad_before]
+    value, after = penalty_oracle([param], [anchor], weights, scale, form, grads)
+    value = torch.tensor(value, dtype=F64)
     if grads is None:
         return value, None, None
-    return value, grads[0], (grads[0] - grad_before.to(F64)).abs()
+    return value, after[0], (after[0] - grad_before.to(F64)).abs()
 
 
 def sqgrad_expected(x: torch.Tensor, g: torch.Tensor, power: int) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 ``Σ_b |g_bᵀ x_b|^p`` and its magnitude ``Σ_b (|g_b|ᵀ|x_b|)^p`` (which bounds the float32 error)."""
-    O, I = g.shape[-1], x.shape[-1]
-    want = sqgrad_reference(x, g, torch.zeros(O, I, dtype=F64, device=x.device), power)
-    mag = sqgrad_reference(x.abs(), g.abs(), torch.zeros(O, I, dtype=F64, device=x.device), power)
-    return want, mag
+    return sqgrad_oracle(x, g, power), sqgrad_oracle(x.abs(), g.abs(), power)
 
 
 def distill_expected(s: torch.Tensor, t: torch.Tensor, T: float, mask: torch.Tensor | None):
@@ -103,7 +99,7 @@ def distill_expected(s: torch.Tensor, t: torch.Tensor, T: float, mask: torch.Ten
     The gradient magnitude is ``T·(p_s + p_t)``; the loss magnitude ``T²·(1 + max|s/T| +
     max finite |t/T| + log V)`` bounds the float32 error of its logsumexps and cross term."""
     s64, t64 = s.to(F64), t.to(F64)
-    loss, grad = distill_reference(s64, t64, T, mask)
+    loss, grad = distill_oracle(s64, t64, T, mask)
     pt = torch.softmax(t64 / T, dim=-1)
     grad_mag = grad + 2 * T * pt  # T·(p_s − p_t) + 2T·p_t
     finite_t = torch.where(torch.isfinite(t64), t64.abs(), torch.zeros_like(t64)) / T
@@ -136,7 +132,7 @@ def fused_expected(h, W, b, t_logits, ht, Wt, T, mask, chunk_bytes):
             s += b64
         t = t_logits[r:r + step].to(F64) if t_logits is not None else ht[r:r + step].to(F64) @ Wt64.t()
         m = None if mask is None else mask[r:r + step]
-        loss, grad_s[r:r + step] = distill_reference(s, t, T, m)
+        loss, grad_s[r:r + step] = distill_oracle(s, t, T, m)
         total += float(loss.sum())
         del s, t
     del Wt64

@@ -46,7 +46,7 @@ OPS = {
 class Ratio:
     op: str                                   # a key of OPS
     baseline: str                             # the baseline row's impl
-    kind: str                                 # "time" | "bw" | "mem" (module docstring)
+    measure: str                                 # "time" | "bw" | "mem" (module docstring)
     meaning: str
     target: tuple[str, float] | None = None   # (">=" or "<=", value): a required ratio
     case: str | None = None                   # a fixed case instead of the op's headline case
@@ -59,24 +59,20 @@ RATIOS = {
         "penalty", "copy_same_bytes", "bw", "penalty: fastcl bandwidth / copy bandwidth (1 = at the memory limit)", (">=", 0.85)),
     "penalty_vs_foreach": Ratio("penalty", "foreach", "time", "penalty: time, torch._foreach_* / fastcl"),
     "penalty_vs_compiled_loop": Ratio("penalty", "compiled_loop", "time", "penalty: time, torch.compile(loop) / fastcl"),
-    "penalty_backward_fraction_of_copy_bandwidth": Ratio(
-        "penalty", "copy_same_bytes", "bw", "penalty().backward(), .grad None: copy time / fastcl time (same bytes)",
-        fastcl=" penalty().backward()"),
-    "penalty_backward_grad_fraction_of_copy_bandwidth": Ratio(
-        "penalty", "copy_same_bytes", "bw", "penalty().backward(), .grad present: copy time / fastcl time (same bytes)",
-        fastcl=" penalty().backward() +grad"),
-    "penalty_backward_vs_autograd_loop": Ratio(
-        "penalty", "autograd_loop grad=None", "time", "penalty().backward(), .grad None: time, autograd loop / fastcl",
-        fastcl=" penalty().backward()"),
-    "penalty_backward_grad_vs_autograd_loop": Ratio(
-        "penalty", "autograd_loop", "time", "penalty().backward(), .grad present: time, autograd loop / fastcl",
-        fastcl=" penalty().backward() +grad"),
+    # penalty().backward() with .grad None, then present: against a copy of the same bytes, and the autograd loop
+    **{f"penalty_backward{key}_{what}": Ratio(
+        "penalty", baseline + (" grad=None" if key == "" and what == "vs_autograd_loop" else ""), measure,
+        f"penalty().backward(), .grad {state}: {title}", fastcl=" penalty().backward()" + suffix)
+       for what, baseline, measure, title in (
+           ("fraction_of_copy_bandwidth", "copy_same_bytes", "bw", "copy time / fastcl time (same bytes)"),
+           ("vs_autograd_loop", "autograd_loop", "time", "time, autograd loop / fastcl"))
+       for key, state, suffix in (("", "None", ""), ("_grad", "present", " +grad"))},
     "fisher_vs_per_sample_loop": Ratio("fisher", "per_sample_loop", "time", "Fisher: time, per-sample loop / fastcl", (">=", 50.0)),
     "fisher_vs_vmap": Ratio("fisher", "vmap_grad", "time", "Fisher: time, torch.func vmap(grad) / fastcl", (">=", 3.0)),
     "fisher_memory_vs_fwd_bwd": Ratio(
         "fisher", "plain_fwd_bwd", "mem", "Fisher: peak memory, fastcl / plain forward+backward", ("<=", 1.25),
         case="transformer"),
-    # The Fisher against one ordinary forward+backward over the same data (issue 12's targets:
+    # The Fisher against one ordinary forward+backward over the same data (targets:
     # fastcl ≤ 1.3× plain for the MLP, ≤ 1.5× for the CNN and the transformers), and against
     # the per-sample-gradient libraries wherever they run.
     "fisher_vs_fwd_bwd": Ratio(
@@ -151,7 +147,7 @@ def compute_ratios(rows: list[dict], *, headline: Callable[[str], str], default_
             info["reason"] = "missing row: " + ", ".join(x for x, r in (("fastcl", fast), (spec.baseline, base)) if r is None)
             continue
         info["fastcl_impl"] = fast["impl"]
-        if spec.kind in ("time", "bw"):
+        if spec.measure in ("time", "bw"):
             value = base["ms_median"] / fast["ms_median"] if fast["ms_median"] > 0 else None
         else:
             value = fast["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else None

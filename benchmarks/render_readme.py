@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--write", type=Path, metavar="README", help="replace the text between the perf markers of this file")
     args = p.parse_args(argv)
     result = json.loads(args.results.read_text())
-    body = render(result)
+    body = render(result, heading="### Latest run")
     if args.write:
         write_between_markers(args.write, body)
         print(f"updated {args.write}")

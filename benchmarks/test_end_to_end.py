@@ -23,15 +23,15 @@ def inputs(request):
 
 @pytest.mark.parametrize("name", list(suite.BASELINES))
 def test_baseline(benchmark, inputs, name):
-    kind, inp = inputs
-    benchmark.group = f"ewc epoch {kind}"
+    arch, inp = inputs
+    benchmark.group = f"ewc epoch {arch}"
     benchmark(inp.baseline_epoch(name))
 
 
 @pytest.mark.parametrize("mode", list(suite.MODES))
 @pytest.mark.parametrize("backend", available_backends(DEVICE, suite.FASTCL_OP))
 def test_fastcl_ewc(benchmark, inputs, backend, mode):
-    kind, inp = inputs
-    benchmark.group = f"ewc epoch {kind}"
+    arch, inp = inputs
+    benchmark.group = f"ewc epoch {arch}"
     epoch = inp.fastcl_epochs()[mode]  # consolidated with the default backends; the epoch forces the penalty's
     benchmark(forced(backend, epoch))

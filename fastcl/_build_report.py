@@ -1,8 +1,8 @@
 """What the install-time build of the compiled extensions recorded (written by setup.py).
 
 ``setup.py`` writes ``fastcl/_build_status.json`` next to the extensions:
-``{"fastcl._C": {"built": bool, "kind": str, "reason": str | None}, "fastcl._cuda": {...}}``
-with ``kind`` one of built, skipped, no-pybind11, no-compiler, compile-error, link-error,
+``{"fastcl._C": {"built": bool, "outcome": str, "reason": str | None}, "fastcl._cuda": {...}}``
+with ``outcome`` one of built, skipped, no-pybind11, no-compiler, compile-error, link-error,
 no-nvcc, nvcc-error, error. ``fastcl info`` prints it, so a failed build has a visible
 cause after pip reported "Successfully built".
 """
@@ -40,4 +40,4 @@ def describe(name: str, load_error: str | None) -> str:
     reason = " ".join(str(entry.get("reason") or "unknown").split())
     if load_error is None:  # an extension file from an earlier build is still there
         return f"loaded (an earlier build; the last build did not build it: {reason})"
-    return f"not built ({entry.get('kind', 'error')}): {reason}"
+    return f"not built ({entry.get('outcome', 'error')}): {reason}"

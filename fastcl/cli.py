@@ -277,7 +277,7 @@ def _package_version(name: str) -> str:
 def _run_info() -> int:
     import torch
 
-    from .ops import backend_info, backend_status
+    from .ops import backend_status, op_backends
 
     print(f"fastcl  {_fastcl_version()}")
     print(f"torch   {torch.__version__}")
@@ -291,15 +291,18 @@ def _run_info() -> int:
     for dev in devices:
         name = (platform.processor() or platform.machine()) if dev == "cpu" else torch.cuda.get_device_name(dev)
         print(f"  {dev}: {name}")
-        ops = backend_info(dev)
-        print("    ops: " + ", ".join(f"{op} -> {backend}" for op, backend in ops.items()))
-        for backend, reason in backend_status(dev).items():
+        ops = op_backends(dev)
+        print("    ops: " + ", ".join(f"{op} -> {s.name if s.available else 'unavailable'}" for op, s in ops.items()))
+        for op, s in ops.items():
+            if not s.available:
+                print(f"      {op} cannot run: {_one_line(s.reason)}")
+        for backend, s in backend_status(dev).items():
             detail = ""
-            if backend == "cpp" and reason is None:
+            if backend == "cpp" and s.available:
                 from .kernels import cpp
 
                 detail = f" (distill kernel: {cpp._C.distill_isa()})"
-            print(f"    {backend}: " + ("available" + detail if reason is None else f"unavailable ({_one_line(reason)})"))
+            print(f"    {backend}: " + ("available" + detail if s.available else f"unavailable ({_one_line(s.reason)})"))
     from ._build_report import describe, status_path
     from .kernels import cpp, cuda
 

@@ -92,7 +92,7 @@ def test_required_ratios(quick_run):
             assert value is None and details[name].get("reason"), f"{name}: expected n/a with a reason while the Fisher engine is missing"
             continue
         assert isinstance(value, float) and math.isfinite(value), f"{name} = {value!r} ({details.get(name)})"
-        assert value >= 0 if RATIOS[name].kind == "mem" else value > 0, f"{name} = {value}"
+        assert value >= 0 if RATIOS[name].measure == "mem" else value > 0, f"{name} = {value}"
         assert details[name].get("backend"), f"{name}: no backend recorded"
 
 

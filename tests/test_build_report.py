@@ -33,16 +33,16 @@ def _build(tmp_path, *, env=None, prelude=""):
 def test_missing_pybind11_is_named(tmp_path):
     proc, status = _build(tmp_path, prelude="sys.modules['pybind11'] = None")
     assert proc.returncode == 0, proc.stderr  # the install goes on without the extension
-    assert status["fastcl._C"]["kind"] == "no-pybind11" and not status["fastcl._C"]["built"]
+    assert status["fastcl._C"]["outcome"] == "no-pybind11" and not status["fastcl._C"]["built"]
     assert "pip install pybind11" in status["fastcl._C"]["reason"]
     assert "could not build fastcl._C (no-pybind11)" in proc.stderr
-    assert status["fastcl._cuda"] == {"built": False, "kind": "skipped", "reason": "not built: FASTCL_BUILD_CUDA=0 at install time"}
+    assert status["fastcl._cuda"] == {"built": False, "outcome": "skipped", "reason": "not built: FASTCL_BUILD_CUDA=0 at install time"}
 
 
 def test_missing_compiler_is_named(tmp_path):
     proc, status = _build(tmp_path, env={"CXX": "/nonexistent/g++", "CC": "/nonexistent/gcc"})
     assert proc.returncode == 0, proc.stderr
-    assert status["fastcl._C"]["kind"] == "no-compiler"
+    assert status["fastcl._C"]["outcome"] == "no-compiler"
     assert "/nonexistent/g++" in status["fastcl._C"]["reason"] and "(no-compiler)" in proc.stderr
 
 
@@ -50,7 +50,7 @@ def test_compile_error_quotes_the_compiler(tmp_path):
     proc, status = _build(tmp_path, env={"CXXFLAGS": "-include /nonexistent_fastcl_header.h"})
     assert proc.returncode == 0, proc.stderr
     entry = status["fastcl._C"]
-    assert entry["kind"] == "compile-error"
+    assert entry["outcome"] == "compile-error"
     assert "nonexistent_fastcl_header.h" in entry["reason"] and "csrc/cpu/" in entry["reason"]
 
 
@@ -58,7 +58,7 @@ def test_require_cpp_fails_the_build(tmp_path):
     proc, status = _build(tmp_path, env={"CXX": "/nonexistent/g++", "CC": "/nonexistent/gcc", "FASTCL_REQUIRE_CPP": "1"})
     assert proc.returncode != 0
     assert "FASTCL_REQUIRE_CPP=1 but fastcl._C was not built: no C++ compiler" in proc.stderr
-    assert status["fastcl._C"]["kind"] == "no-compiler"  # recorded before failing
+    assert status["fastcl._C"]["outcome"] == "no-compiler"  # recorded before failing
 
 
 def test_info_reports_the_recorded_reason(tmp_path, monkeypatch, capsys):
@@ -67,8 +67,8 @@ def test_info_reports_the_recorded_reason(tmp_path, monkeypatch, capsys):
 
     record = tmp_path / "_build_status.json"
     record.write_text(json.dumps({
-        "fastcl._C": {"built": False, "kind": "no-compiler", "reason": "no C++ compiler: 'g++' is not on PATH."},
-        "fastcl._cuda": {"built": False, "kind": "skipped", "reason": "not built: FASTCL_BUILD_CUDA=0 at install time"},
+        "fastcl._C": {"built": False, "outcome": "no-compiler", "reason": "no C++ compiler: 'g++' is not on PATH."},
+        "fastcl._cuda": {"built": False, "outcome": "skipped", "reason": "not built: FASTCL_BUILD_CUDA=0 at install time"},
     }))
     monkeypatch.setattr(report, "status_path", lambda: record)
     monkeypatch.setattr(cpp, "BUILD_ERROR", "fastcl._C is not available (ImportError)")

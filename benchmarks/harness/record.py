@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from cases import size_set
 
-from fastcl.ops import BackendUnavailableError, backend_info, use_backend
+from fastcl.ops import BackendUnavailableError, op_backends, use_backend
 
 from .timing import measure_interleaved, measure_peak_mb, measure_time
 
@@ -67,15 +67,18 @@ class Recorder:
         except Exception as exc:  # noqa: BLE001 - a failed guard is reported in the JSON
             self.checks[name] = {"error": f"{type(exc).__name__}: {exc}"}
 
-    def measure_group(self, op, case, size, impls: dict, *, notes: dict | None = None) -> None:
-        """Time ``impls`` ({impl: fn}) round-robin (see measure_interleaved), then record each."""
+    def measure_group(self, op, case, size, impls: dict, *, notes: dict | None = None, slow: bool = True,
+                      bytes_moved: int | None = None, rotate: int = 1) -> None:
+        """Time ``impls`` ({impl: fn}) round-robin (see measure_interleaved), then record each
+        (peak memory and the other arguments as :meth:`measure`)."""
         try:
             timings = measure_interleaved(impls, self.cfg.device, warmup=1, rounds=self.cfg.rounds)
         except Exception as exc:  # noqa: BLE001 - fall back to one-by-one timing, which reports failures per impl
             print(f"  interleaved timing failed ({type(exc).__name__}: {exc}); timing one by one", flush=True)
             timings = {}
         for impl, fn in impls.items():
-            self.measure(op, impl, case, size, fn, slow=True, note=(notes or {}).get(impl), timing=timings.get(impl))
+            self.measure(op, impl, case, size, fn, bytes_moved=bytes_moved, slow=slow, note=(notes or {}).get(impl),
+                         rotate=rotate, timing=timings.get(impl))
 
     def measure(self, op, impl, case, size, fn: Callable, *, bytes_moved: int | None = None, slow=False, note=None,
                 rotate: int = 1, timing=None) -> dict | None:
@@ -116,24 +119,23 @@ def candidate_backends(device: torch.device) -> tuple[str, ...]:
 
 def available_backends(device, op: str, dtype: torch.dtype = torch.float32, *, on_skip: Callable[[str, str], None] | None = None) -> list[str]:
     """The candidate backends that can run fastcl op ``op`` (penalty, sqgrad, distill) on ``device``/``dtype``;
-    ``on_skip(backend, status)`` is called for each one that cannot."""
+    ``on_skip(backend, reason)`` is called for each one that cannot."""
     device = torch.device(device)
     out = []
     for b in candidate_backends(device):
         with use_backend(b):
-            status = backend_info(device, dtype)[op]
-        if status.startswith("unavailable"):
-            if on_skip is not None:
-                on_skip(b, status)
-        else:
+            status = op_backends(device, dtype)[op]
+        if status.available:
             out.append(b)
+        elif on_skip is not None:
+            on_skip(b, status.reason)
     return out
 
 
 def default_backend(device, op: str, dtype: torch.dtype = torch.float32) -> str | None:
     """The backend fastcl's dispatcher picks for ``op`` (None: none can run it)."""
-    status = backend_info(device, dtype)[op]
-    return None if status.startswith("unavailable") else status
+    status = op_backends(device, dtype)[op]
+    return status.name if status.available else None
 
 
 def forced(backend: str, fn: Callable) -> Callable:

@@ -66,10 +66,10 @@ def _fmt(x, digits=3):
 def render(result: dict, heading: str = "### Performance") -> str:
     """Markdown for one results dict: machine line, per-op tables, ratios."""
     machine = result.get("gpu") or result.get("cpu") or "unknown device"
-    kind = "GPU" if "gpu" in result else "CPU"
+    platform = "GPU" if "gpu" in result else "CPU"
     lines = [heading, ""]
     lines.append(
-        f"{kind}: **{machine}** · {result.get('threads')} threads · torch {result.get('torch')} · "
+        f"{platform}: **{machine}** · {result.get('threads')} threads · torch {result.get('torch')} · "
         f"triton {result.get('triton') or 'n/a'} · Python {result.get('python')} · "
         f"commit `{result.get('commit') or 'unknown'}` · {result.get('date')}"
         + (" · **quick run (small sizes)**" if result.get("quick") else "")

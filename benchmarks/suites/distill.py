@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from cases import DTYPE_NAMES, DistillCase, FusedCase, cases
 from harness.record import Config, Recorder, Unavailable, available_backends, forced, free
-from harness.timing import cycle, measure_interleaved, rotation_count
+from harness.timing import cycle, rotation_count
 from inputs import make_lm_head, make_logits
 from oracles import distill_expected, fused_expected, grad_bound, norm_errors, rows_for, worst_ratio
 
 import fastcl
-from fastcl.ops import backend_info, use_backend
+from fastcl.ops import op_backends, use_backend
 
 OP = "distill"
 FUSED_OP = "fused_linear_distill"
@@ -135,13 +135,7 @@ def _bench_logits(cfg: Config, rec: Recorder, case: DistillCase) -> None:
             rec.skip(OP, name, label, str(why))
     for b in available_backends(device, FASTCL_OP, case.dtype, on_skip=lambda b, why: rec.skip(OP, f"fastcl[{b}]", label, why)):
         steps[f"fastcl[{b}]"] = forced(b, inp.on_next(fastcl_distill))
-    try:
-        timings = measure_interleaved(steps, device, warmup=1, rounds=cfg.rounds)
-    except Exception as exc:  # noqa: BLE001 - rec.measure times each row alone and reports its failure
-        print(f"  interleaved timing failed ({type(exc).__name__}: {exc}); timing one by one", flush=True)
-        timings = {}
-    for name, step in steps.items():
-        rec.measure(OP, name, label, size, step, bytes_moved=inp.nbytes, rotate=k, timing=timings.get(name))
+    rec.measure_group(OP, label, size, steps, slow=False, bytes_moved=inp.nbytes, rotate=k)
 
     def loss_error():
         s, t = inp.pairs[0]
@@ -160,13 +154,7 @@ def _bench_fused(cfg: Config, rec: Recorder, case: FusedCase) -> None:
     steps = {name: fused_step(step, head) for name, step in FUSED_BASELINES.items()}
     for b in available_backends(device, FASTCL_OP, case.dtype, on_skip=lambda b, why: rec.skip(FUSED_OP, f"fastcl[{b}]", label, why)):
         steps[f"fastcl[{b}]"] = forced(b, fused_step(fastcl_fused, head))
-    try:
-        timings = measure_interleaved(steps, device, warmup=1, rounds=cfg.rounds)
-    except Exception as exc:  # noqa: BLE001 - rec.measure times each row alone and reports its failure
-        print(f"  interleaved timing failed ({type(exc).__name__}: {exc}); timing one by one", flush=True)
-        timings = {}
-    for name, step in steps.items():
-        rec.measure(FUSED_OP, name, label, size, step, slow=slow, timing=timings.get(name))
+    rec.measure_group(FUSED_OP, label, size, steps, slow=slow)
 
 
 # ---------------------------------------------------------------------------- gpu_check.py
@@ -201,6 +189,19 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _api_runs(sec, api: str, label: str, device, dtype):
+    """``(backend, check name)`` for the public API checks: the dispatcher's choice ("auto"), then
+    Triton forced where it is not the choice; checks past the section's time budget are skipped."""
+    choice = op_backends(device, dtype)["distill"]
+    auto = choice.name if choice.available else "none"
+    for backend in ["auto"] + (["triton"] if auto != "triton" else []):
+        name = f"{api}[{backend}{'=' + auto if backend == 'auto' else ''}] {label}"
+        if sec.time_left() <= 0:
+            sec.skip(name, "section time budget spent")
+            continue
+        yield backend, name
+
+
 def check_distill(ctx, sec) -> None:
     """The Triton distill kernel (per-row loss and gradient) and ``distillation_loss`` forward +
     backward (default and Triton backends) vs the float64 oracle, by row chunks."""
@@ -230,15 +231,7 @@ def check_distill(ctx, sec) -> None:
         del row_loss, grad
         if not api:
             continue
-        backends = ["auto"]
-        auto = backend_info(device, dtype)["distill"]
-        if auto != "triton":
-            backends.append("triton")
-        for backend in backends:
-            name = f"distillation_loss[{backend}{'=' + auto if backend == 'auto' else ''}] fwd+bwd {label}"
-            if sec.time_left() <= 0:
-                sec.skip(name, "section time budget spent")
-                continue
+        for backend, name in _api_runs(sec, "distillation_loss", f"fwd+bwd {label}", device, dtype):
             t0 = time.perf_counter()
             leaf = s.detach().requires_grad_(True)
             with use_backend(None if backend == "auto" else backend):
@@ -318,14 +311,8 @@ def check_fused(ctx, sec) -> None:
             mask[-1] = False
         T = 2.0
         want = None
-        auto = backend_info(device, dtype)["distill"]
-        backends = ["auto"] + (["triton"] if auto != "triton" else [])
         tol = {"loss": 5e-3, "norm": 2e-2, "row": 6e-2} if dtype != torch.float32 else {"loss": 1e-4, "norm": 1e-4, "row": 1e-3}
-        for backend in backends:
-            name = f"fused_linear_distillation[{backend}{'=' + auto if backend == 'auto' else ''}] {label}"
-            if sec.time_left() <= 0:
-                sec.skip(name, "section time budget spent")
-                continue
+        for backend, name in _api_runs(sec, "fused_linear_distillation", label, device, dtype):
             t0 = time.perf_counter()
             hl = h.detach().clone().requires_grad_(True)
             Wl = W.detach().clone().requires_grad_(True)

@@ -15,7 +15,7 @@ On the CPU every row of a case is timed interleaved (one call of each per round,
 The rows cycle through ``k`` input copies so that a cycle spans 4× the last-level cache
 (``harness.timing.rotation_count``); every byte count (``bytes_moved``, hence the
 ``bw`` ratios) is the fused path's minimal traffic, 5 arrays. ``check`` is
-``gpu_check.py``'s penalty section: every backend, dtype pair, kind and mode against the
+``gpu_check.py``'s penalty section: every backend, dtype pair, form and mode against the
 float64 oracle.
 """
 from __future__ import annotations
@@ -201,18 +201,18 @@ def check_inputs(shapes, p_dtype, s_dtype, weighted, seed, device, misaligned):
 
 
 def check_cases(backends):
-    """(backend, θ dtype, a/w dtype, kind, weighted, with grads, misaligned): a covering set, not the full product
+    """(backend, θ dtype, a/w dtype, form, weighted, with grads, misaligned): a covering set, not the full product
     (each new combination of Triton constexprs is a compile, ~1 s on a fresh machine)."""
     pairs = [(F32, F32), (F32, BF16), (BF16, BF16), (BF16, F32), (F16, F32), (F16, BF16)]
     out = []
     for b in backends:
         for p, s in pairs:
-            for kind in ("quadratic", "l1"):
-                out.append((b, p, s, kind, True, True, False))
+            for form in ("quadratic", "l1"):
+                out.append((b, p, s, form, True, True, False))
         for p, s in ((F32, F32), (BF16, BF16)):
-            for kind in ("quadratic", "l1"):
-                out.append((b, p, s, kind, False, True, False))
-                out.append((b, p, s, kind, True, False, False))
+            for form in ("quadratic", "l1"):
+                out.append((b, p, s, form, False, True, False))
+                out.append((b, p, s, form, True, False, False))
         for p, s in ((F32, F32), (BF16, BF16), (F16, F32)):
             out.append((b, p, s, "quadratic", True, True, True))
         out.append((b, F32, F32, "l1", False, False, True))
@@ -231,8 +231,8 @@ def check(ctx, sec) -> None:
         backends.insert(0, "cuda")
     else:
         sec.skip("penalty[cuda] *", "the cuda backend needs a CUDA device (--dry-run-cpu)")
-    for seed, (backend, p_dtype, s_dtype, kind, weighted, with_grads, misaligned) in enumerate(check_cases(backends)):
-        name = (f"penalty[{backend}] θ={DTYPE_NAMES[p_dtype]} a/w={DTYPE_NAMES[s_dtype]} {kind}"
+    for seed, (backend, p_dtype, s_dtype, form, weighted, with_grads, misaligned) in enumerate(check_cases(backends)):
+        name = (f"penalty[{backend}] θ={DTYPE_NAMES[p_dtype]} a/w={DTYPE_NAMES[s_dtype]} {form}"
                 f"{' weighted' if weighted else ' unweighted'}{' +grads' if with_grads else ' value-only'}{' misaligned' if misaligned else ''}")
         if sec.time_left() <= 0:
             sec.skip(name, "section time budget spent")
@@ -241,7 +241,7 @@ def check(ctx, sec) -> None:
         params, anchors, weights, grads = check_inputs(shapes, p_dtype, s_dtype, weighted, 1000 + seed, device, misaligned)
         before = [g.clone() for g in grads] if with_grads else None
         with use_backend(backend):
-            value = fastcl.ops.penalty(params, anchors, weights, scale=CHECK_SCALE, kind=kind, grads=grads if with_grads else None)
+            value = fastcl.ops.penalty(params, anchors, weights, scale=CHECK_SCALE, form=form, grads=grads if with_grads else None)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         ctx.fault.perturb("penalty", grads[-1] if with_grads else value)
@@ -249,7 +249,7 @@ def check(ctx, sec) -> None:
         grad_ratio = 0.0
         for i, p in enumerate(params):
             w = None if weights is None else weights[i]
-            v, want, step = penalty_expected(p, anchors[i], w, before[i] if with_grads else None, scale=CHECK_SCALE, kind=kind)
+            v, want, step = penalty_expected(p, anchors[i], w, before[i] if with_grads else None, scale=CHECK_SCALE, form=form)
             want_v += float(v)
             if with_grads:
                 dt = grads[i].dtype

@@ -10,7 +10,7 @@ namespace fastcl {
 enum DtypeCode : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kNone = -1 };
 
 // φ of the anchored penalty: d²/2 or |d|.
-enum PenaltyKind : int { kQuadratic = 0, kL1 = 1 };
+enum PenaltyForm : int { kQuadratic = 0, kL1 = 1 };
 
 // What the penalty kernels do with the gradient list.
 //   kValueOnly:  grads absent, only the value is computed

@@ -19,19 +19,19 @@
 
 namespace fastcl {
 
-template <int KIND>
+template <int FORM>
 FASTCL_HD float penalty_phi(float d) {
-    return KIND == kQuadratic ? d * d : fabsf(d);
+    return FORM == kQuadratic ? d * d : fabsf(d);
 }
 
-template <int KIND>
+template <int FORM>
 FASTCL_HD float penalty_dphi(float d) {
-    return KIND == kQuadratic ? d : float(d > 0.0f) - float(d < 0.0f);
+    return FORM == kQuadratic ? d : float(d > 0.0f) - float(d < 0.0f);
 }
 
 // The factor that turns Σ w·penalty_phi into the value: scale/2 (quadratic) or scale (l1).
-FASTCL_HD double penalty_value_factor(int kind, double scale) {
-    return (kind == kQuadratic ? 0.5 : 1.0) * scale;
+FASTCL_HD double penalty_value_factor(int form, double scale) {
+    return (form == kQuadratic ? 0.5 : 1.0) * scale;
 }
 
 // New gradient element from the old one (ignored unless MODE is kAccumulate) and the step.

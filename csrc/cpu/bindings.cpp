@@ -37,7 +37,7 @@ void check_len(const char* name, size_t got, size_t want) {
 double penalty(const std::vector<uintptr_t>& params, const std::vector<uintptr_t>& anchors,
                const std::vector<uintptr_t>& weights, const std::vector<uintptr_t>& grads,
                const std::vector<int64_t>& sizes, int param_dtype, int anchor_dtype, int weight_dtype,
-               int kind, int grad_mode, double scale, int num_threads) {
+               int form, int grad_mode, double scale, int num_threads) {
     const size_t n = sizes.size();
     check_len("params", params.size(), n);
     check_len("anchors", anchors.size(), n);
@@ -48,7 +48,7 @@ double penalty(const std::vector<uintptr_t>& params, const std::vector<uintptr_t
     py::gil_scoped_release no_gil;
     return fastcl::penalty_cpu(int64_t(n), p.data(), a.data(), weights.empty() ? nullptr : w.data(),
                                grads.empty() ? nullptr : g.data(), sizes.data(), param_dtype, anchor_dtype,
-                               weights.empty() ? fastcl::kNone : weight_dtype, kind, grad_mode, scale, num_threads);
+                               weights.empty() ? fastcl::kNone : weight_dtype, form, grad_mode, scale, num_threads);
 }
 
 void distill(uintptr_t student, uintptr_t teacher, uintptr_t mask, uintptr_t row_loss, uintptr_t grad,
@@ -77,8 +77,8 @@ PYBIND11_MODULE(_C, m) {
     m.attr("PENALTY_CHUNK") = fastcl::kPenaltyChunk;
     m.def("penalty", &penalty, py::arg("params"), py::arg("anchors"), py::arg("weights"), py::arg("grads"),
           py::arg("sizes"), py::arg("param_dtype"), py::arg("anchor_dtype"), py::arg("weight_dtype"),
-          py::arg("kind"), py::arg("grad_mode"), py::arg("scale"), py::arg("num_threads"),
-          "scale·Σ w·φ(θ−a) over all tensors (φ = d²/2 for kind 0, |d| for kind 1); grad_mode 1: also "
+          py::arg("form"), py::arg("grad_mode"), py::arg("scale"), py::arg("num_threads"),
+          "scale·Σ w·φ(θ−a) over all tensors (φ = d²/2 for form 0, |d| for form 1); grad_mode 1: also "
           "grads += scale·w·φ'(θ−a), 2: grads = scale·w·φ'(θ−a) (grads not read), 0: value only. Addresses "
           "as ints; empty weights = w 1. Codes: csrc/common/codes.h (dtypes 0 float32, 1 bfloat16, 2 float16).");
     m.def("distill", &distill, py::arg("student"), py::arg("teacher"), py::arg("mask"), py::arg("row_loss"),

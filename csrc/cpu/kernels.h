@@ -18,7 +18,7 @@ constexpr int64_t kPenaltyGrain = 1 << 17;
 // weights == nullptr or weight_dtype == kNone means w = 1. Codes: csrc/common/codes.h.
 double penalty_cpu(int64_t num_tensors, const void* const* params, const void* const* anchors,
                    const void* const* weights, void* const* grads, const int64_t* sizes,
-                   int param_dtype, int anchor_dtype, int weight_dtype, int kind, int grad_mode,
+                   int param_dtype, int anchor_dtype, int weight_dtype, int form, int grad_mode,
                    double scale, int num_threads);
 
 // Per row r of [R, V] logits: row_loss[r] = T²·KL(softmax(t/T) ‖ softmax(s/T)),

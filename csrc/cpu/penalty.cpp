@@ -17,6 +17,7 @@
 #include "dtypes.h"
 #include "kernels.h"
 #include "pages.h"
+#include "penalty_dispatch.h"
 #include "penalty_math.h"
 
 namespace fastcl {
@@ -37,36 +38,36 @@ inline float weight_at(const typename W::storage* __restrict w, int64_t i) {
 }
 
 // One element: adds w·φ(d) to acc and writes the gradient (per MODE).
-template <class P, class A, class W, int KIND, int MODE>
+template <class P, class A, class W, int FORM, int MODE>
 inline void penalty_element(const typename P::storage* __restrict p, const typename A::storage* __restrict a,
                             const typename W::storage* __restrict w, typename P::storage* __restrict g,
                             int64_t i, float s, float& acc) {
     const float d = P::load(p[i]) - A::load(a[i]);
     const float wv = weight_at<W>(w, i);
-    acc += wv * penalty_phi<KIND>(d);
+    acc += wv * penalty_phi<FORM>(d);
     if constexpr (MODE != kValueOnly) {
         const float old = MODE == kAccumulate ? P::load(g[i]) : 0.0f;
-        g[i] = P::store(penalty_grad<MODE>(old, s * wv * penalty_dphi<KIND>(d)));
+        g[i] = P::store(penalty_grad<MODE>(old, s * wv * penalty_dphi<FORM>(d)));
     }
 }
 
 // Σ w·φ(θ−a) over n elements (φ without the 1/2), and the gradient per MODE.
-template <class P, class A, class W, int KIND, int MODE>
+template <class P, class A, class W, int FORM, int MODE>
 double penalty_item(const typename P::storage* __restrict p, const typename A::storage* __restrict a,
                     const typename W::storage* __restrict w, typename P::storage* __restrict g,
                     int64_t n, float s) {
     float acc[kLanes] = {};
     int64_t i = 0;
     for (; i + kLanes <= n; i += kLanes) {
-        for (int l = 0; l < kLanes; ++l) penalty_element<P, A, W, KIND, MODE>(p, a, w, g, i + l, s, acc[l]);
+        for (int l = 0; l < kLanes; ++l) penalty_element<P, A, W, FORM, MODE>(p, a, w, g, i + l, s, acc[l]);
     }
-    for (int l = 0; i < n; ++i, ++l) penalty_element<P, A, W, KIND, MODE>(p, a, w, g, i, s, acc[l]);
+    for (int l = 0; i < n; ++i, ++l) penalty_element<P, A, W, FORM, MODE>(p, a, w, g, i, s, acc[l]);
     double total = 0.0;
     for (int l = 0; l < kLanes; ++l) total += acc[l];
     return total;
 }
 
-template <class P, class A, class W, int KIND, int MODE>
+template <class P, class A, class W, int FORM, int MODE>
 double penalty_list(const void* const* params, const void* const* anchors, const void* const* weights,
                     void* const* grads, const std::vector<WorkItem>& items, float s, int num_threads) {
     using PS = typename P::storage;
@@ -82,7 +83,7 @@ double penalty_list(const void* const* params, const void* const* anchors, const
         const AS* a = static_cast<const AS*>(anchors[it.tensor]) + it.offset;
         const WS* w = weights ? static_cast<const WS*>(weights[it.tensor]) + it.offset : nullptr;
         PS* g = MODE != kValueOnly ? static_cast<PS*>(grads[it.tensor]) + it.offset : nullptr;
-        out[k] = penalty_item<P, A, W, KIND, MODE>(p, a, w, g, it.length, s);
+        out[k] = penalty_item<P, A, W, FORM, MODE>(p, a, w, g, it.length, s);
     }
     double total = 0.0;
     for (int64_t k = 0; k < n_items; ++k) total += out[k];
@@ -92,62 +93,30 @@ double penalty_list(const void* const* params, const void* const* anchors, const
 using ListFn = double (*)(const void* const*, const void* const*, const void* const*, void* const*,
                           const std::vector<WorkItem>&, float, int);
 
-template <class P, class A, class W, int KIND>
-ListFn pick_mode(int mode) {
-    switch (mode) {
-        case kValueOnly: return penalty_list<P, A, W, KIND, kValueOnly>;
-        case kAccumulate: return penalty_list<P, A, W, KIND, kAccumulate>;
-        case kStore: return penalty_list<P, A, W, KIND, kStore>;
-    }
-    throw std::invalid_argument("penalty: grad mode code must be 0 (value only), 1 (accumulate) or 2 (store)");
-}
-
-template <class P, class A, class W>
-ListFn pick_kind(int kind, int mode) {
-    if (kind == kQuadratic) return pick_mode<P, A, W, kQuadratic>(mode);
-    return pick_mode<P, A, W, kL1>(mode);
-}
-
-template <class P, class A>
-ListFn pick_weight(int weight_dtype, int kind, int mode) {
-    switch (weight_dtype) {
-        case kNone: return pick_kind<P, A, NoW>(kind, mode);
-        case kFloat32: return pick_kind<P, A, F32>(kind, mode);
-        case kBFloat16: return pick_kind<P, A, BF16>(kind, mode);
-    }
-    throw std::invalid_argument("penalty: weight dtype code must be -1 (none), 0 (float32) or 1 (bfloat16)");
-}
-
-template <class P>
-ListFn pick_anchor(int anchor_dtype, int weight_dtype, int kind, int mode) {
-    switch (anchor_dtype) {
-        case kFloat32: return pick_weight<P, F32>(weight_dtype, kind, mode);
-        case kBFloat16: return pick_weight<P, BF16>(weight_dtype, kind, mode);
-    }
-    throw std::invalid_argument("penalty: anchor dtype code must be 0 (float32) or 1 (bfloat16)");
-}
-
-ListFn pick(int param_dtype, int anchor_dtype, int weight_dtype, int kind, int mode) {
-    if (kind != kQuadratic && kind != kL1) throw std::invalid_argument("penalty: kind code must be 0 (quadratic) or 1 (l1)");
-    switch (param_dtype) {
-        case kFloat32: return pick_anchor<F32>(anchor_dtype, weight_dtype, kind, mode);
-        case kBFloat16: return pick_anchor<BF16>(anchor_dtype, weight_dtype, kind, mode);
-        case kFloat16: return pick_anchor<F16>(anchor_dtype, weight_dtype, kind, mode);
-    }
-    throw std::invalid_argument("penalty: param dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16)");
-}
+struct Pick {
+    using Result = ListFn;
+    using F32 = fastcl::F32;
+    using BF16 = fastcl::BF16;
+    using F16 = fastcl::F16;
+    using NoW = fastcl::NoW;
+    template <class P, class A, class W, int FORM, int MODE>
+    static Result get() { return penalty_list<P, A, W, FORM, MODE>; }
+};
 
 }  // namespace
 
 double penalty_cpu(int64_t num_tensors, const void* const* params, const void* const* anchors,
                    const void* const* weights, void* const* grads, const int64_t* sizes,
-                   int param_dtype, int anchor_dtype, int weight_dtype, int kind, int grad_mode,
+                   int param_dtype, int anchor_dtype, int weight_dtype, int form, int grad_mode,
                    double scale, int num_threads) {
     if (weights == nullptr) weight_dtype = kNone;
     if (weight_dtype == kNone) weights = nullptr;
     if (grad_mode != kValueOnly && grads == nullptr)
         throw std::invalid_argument("penalty: grad mode 1 (accumulate) and 2 (store) need grads");
-    const ListFn fn = pick(param_dtype, anchor_dtype, weight_dtype, kind, grad_mode);
+    const ListFn fn = pick_penalty<Pick>(param_dtype, anchor_dtype, weight_dtype, form, grad_mode);
+    if (fn == nullptr)
+        throw std::invalid_argument("penalty: codes out of range (param dtype 0..2, anchor dtype 0..1, "
+                                    "weight dtype -1..1, form 0..1, grad mode 0..2; see csrc/common/codes.h)");
     std::vector<WorkItem> items;
     for (int64_t t = 0; t < num_tensors; ++t) {
         if (sizes[t] < 0) throw std::invalid_argument("penalty: sizes must be >= 0");
@@ -166,7 +135,7 @@ double penalty_cpu(int64_t num_tensors, const void* const* params, const void* c
     const int64_t useful = (total + kPenaltyGrain - 1) / kPenaltyGrain;
     const int threads = int(num_threads < 1 ? 1 : (useful < num_threads ? useful : num_threads));
     const double sum = fn(params, anchors, weights, grads, items, float(scale), threads);
-    return penalty_value_factor(kind, scale) * sum;
+    return penalty_value_factor(form, scale) * sum;
 }
 
 }  // namespace fastcl

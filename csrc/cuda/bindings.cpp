@@ -22,13 +22,13 @@ void check(int code, const char* what) {
 }
 
 void penalty(uintptr_t table, int64_t num_tensors, int64_t num_chunks, int param_dtype, int anchor_dtype,
-             int weight_dtype, int kind, int grad_mode, double scale, uintptr_t partials, int64_t max_partials,
+             int weight_dtype, int form, int grad_mode, double scale, uintptr_t partials, int64_t max_partials,
              uintptr_t out, int device, uintptr_t stream) {
     int code;
     {
         py::gil_scoped_release no_gil;
         code = fastcl_cuda_penalty(reinterpret_cast<const int64_t*>(table), num_tensors, num_chunks, param_dtype,
-                                   anchor_dtype, weight_dtype, kind, grad_mode, scale, reinterpret_cast<float*>(partials),
+                                   anchor_dtype, weight_dtype, form, grad_mode, scale, reinterpret_cast<float*>(partials),
                                    max_partials, reinterpret_cast<float*>(out), device, reinterpret_cast<void*>(stream));
     }
     check(code, "penalty");
@@ -60,7 +60,7 @@ PYBIND11_MODULE(_cuda, m) {
     m.def("penalty_max_partials", &fastcl_cuda_penalty_max_partials, py::arg("num_sms"),
           "Length of the float32 scratch buffer penalty() needs on a device with num_sms SMs.");
     m.def("penalty", &penalty, py::arg("table"), py::arg("num_tensors"), py::arg("num_chunks"), py::arg("param_dtype"),
-          py::arg("anchor_dtype"), py::arg("weight_dtype"), py::arg("kind"), py::arg("grad_mode"), py::arg("scale"),
+          py::arg("anchor_dtype"), py::arg("weight_dtype"), py::arg("form"), py::arg("grad_mode"), py::arg("scale"),
           py::arg("partials"), py::arg("max_partials"), py::arg("out"), py::arg("device"), py::arg("stream"),
           "out[0] = scale·Σ w·φ(θ−a) over the tensors of a device table (layout in csrc/cuda/kernels.h); grad_mode 1: "
           "grads += scale·w·φ'(θ−a), 2: grads = scale·w·φ'(θ−a), 0: value only. Two launches on `stream`. Device "

@@ -1,6 +1,6 @@
 // C interface of the CUDA kernels (csrc/cuda/*.cu), so that the pybind11 bindings are
 // compiled by the host C++ compiler without CUDA headers. Return values are cudaError_t
-// codes (0 = success); fastcl_cuda_error_string names them. Dtype, kind and grad-mode
+// codes (0 = success); fastcl_cuda_error_string names them. Dtype, form and grad-mode
 // codes: csrc/common/codes.h.
 #pragma once
 
@@ -26,7 +26,7 @@ int64_t fastcl_cuda_penalty_max_partials(int num_sms);
 // weight_dtype -1 means w = 1. partials: device float32 scratch of max_partials elements
 // (fastcl_cuda_penalty_max_partials of the device's SM count or more).
 int fastcl_cuda_penalty(const int64_t* table, int64_t num_tensors, int64_t num_chunks, int param_dtype,
-                        int anchor_dtype, int weight_dtype, int kind, int grad_mode, double scale,
+                        int anchor_dtype, int weight_dtype, int form, int grad_mode, double scale,
                         float* partials, int64_t max_partials, float* out, int device, void* stream);
 
 // Number of CUDA devices this extension's (statically linked) runtime sees; an error

@@ -25,6 +25,7 @@
 
 #include "codes.h"
 #include "kernels.h"
+#include "penalty_dispatch.h"
 #include "penalty_math.h"
 
 using namespace fastcl;
@@ -122,7 +123,7 @@ __device__ __forceinline__ int chunk_tensor(const int64_t* __restrict__ first, i
     return lo;
 }
 
-template <class P, class A, class W, int KIND, int MODE>
+template <class P, class A, class W, int FORM, int MODE>
 __global__ void __launch_bounds__(kThreads) penalty_kernel(const int64_t* __restrict__ table, int n_tensors,
                                                            int64_t n_chunks, float scale, float* __restrict__ partials) {
     using PS = typename P::storage;
@@ -159,10 +160,10 @@ __global__ void __launch_bounds__(kThreads) penalty_kernel(const int64_t* __rest
                 const float d = P::load(pv.v[j]) - A::load(av.v[j]);
                 float wf = 1.0f;
                 if constexpr (kHasW) wf = W::load(wv.v[j]);
-                acc += wf * penalty_phi<KIND>(d);
+                acc += wf * penalty_phi<FORM>(d);
                 if constexpr (MODE != kValueOnly) {
                     const float old = MODE == kAccumulate ? P::load(gv.v[j]) : 0.0f;
-                    gv.v[j] = P::store(penalty_grad<MODE>(old, scale * wf * penalty_dphi<KIND>(d)));
+                    gv.v[j] = P::store(penalty_grad<MODE>(old, scale * wf * penalty_dphi<FORM>(d)));
                 }
             }
             if constexpr (MODE != kValueOnly) store_vec<PS, kVec>(g + v * kVec, gv);
@@ -172,10 +173,10 @@ __global__ void __launch_bounds__(kThreads) penalty_kernel(const int64_t* __rest
             const float d = P::load(load_one(p + i)) - A::load(load_one(a + i));
             float wf = 1.0f;
             if constexpr (kHasW) wf = W::load(load_one(w + i));
-            acc += wf * penalty_phi<KIND>(d);
+            acc += wf * penalty_phi<FORM>(d);
             if constexpr (MODE != kValueOnly) {
                 const float old = MODE == kAccumulate ? P::load(load_one(g + i)) : 0.0f;
-                store_one(g + i, P::store(penalty_grad<MODE>(old, scale * wf * penalty_dphi<KIND>(d))));
+                store_one(g + i, P::store(penalty_grad<MODE>(old, scale * wf * penalty_dphi<FORM>(d))));
             }
         }
         total += acc;
@@ -234,54 +235,24 @@ cudaError_t resident_blocks(Kernel kernel, int device, int* out) {
     return cudaSuccess;
 }
 
-template <class P, class A, class W>
-Kernel pick_mode(int kind, int mode) {
-    const bool quad = kind == kQuadratic;
-    switch (mode) {
-        case kValueOnly: return quad ? penalty_kernel<P, A, W, kQuadratic, kValueOnly> : penalty_kernel<P, A, W, kL1, kValueOnly>;
-        case kAccumulate: return quad ? penalty_kernel<P, A, W, kQuadratic, kAccumulate> : penalty_kernel<P, A, W, kL1, kAccumulate>;
-        case kStore: return quad ? penalty_kernel<P, A, W, kQuadratic, kStore> : penalty_kernel<P, A, W, kL1, kStore>;
-    }
-    return nullptr;
-}
-
-template <class P, class A>
-Kernel pick_weight(int weight_dtype, int kind, int mode) {
-    switch (weight_dtype) {
-        case kNone: return pick_mode<P, A, NoW>(kind, mode);
-        case kFloat32: return pick_mode<P, A, F32>(kind, mode);
-        case kBFloat16: return pick_mode<P, A, BF16>(kind, mode);
-    }
-    return nullptr;
-}
-
-template <class P>
-Kernel pick_anchor(int anchor_dtype, int weight_dtype, int kind, int mode) {
-    switch (anchor_dtype) {
-        case kFloat32: return pick_weight<P, F32>(weight_dtype, kind, mode);
-        case kBFloat16: return pick_weight<P, BF16>(weight_dtype, kind, mode);
-    }
-    return nullptr;
-}
-
-Kernel pick(int param_dtype, int anchor_dtype, int weight_dtype, int kind, int mode) {
-    if (kind != kQuadratic && kind != kL1) return nullptr;
-    switch (param_dtype) {
-        case kFloat32: return pick_anchor<F32>(anchor_dtype, weight_dtype, kind, mode);
-        case kBFloat16: return pick_anchor<BF16>(anchor_dtype, weight_dtype, kind, mode);
-        case kFloat16: return pick_anchor<F16>(anchor_dtype, weight_dtype, kind, mode);
-    }
-    return nullptr;
-}
+struct Pick {
+    using Result = Kernel;
+    using F32 = ::F32;
+    using BF16 = ::BF16;
+    using F16 = ::F16;
+    using NoW = ::NoW;
+    template <class P, class A, class W, int FORM, int MODE>
+    static Result get() { return penalty_kernel<P, A, W, FORM, MODE>; }
+};
 
 }  // namespace
 
 extern "C" int64_t fastcl_cuda_penalty_max_partials(int num_sms) { return int64_t(num_sms) * kMaxBlocksPerSM; }
 
 extern "C" int fastcl_cuda_penalty(const int64_t* table, int64_t num_tensors, int64_t num_chunks, int param_dtype,
-                                   int anchor_dtype, int weight_dtype, int kind, int grad_mode, double scale,
+                                   int anchor_dtype, int weight_dtype, int form, int grad_mode, double scale,
                                    float* partials, int64_t max_partials, float* out, int device, void* stream) {
-    const Kernel kernel = pick(param_dtype, anchor_dtype, weight_dtype, kind, grad_mode);
+    const Kernel kernel = pick_penalty<Pick>(param_dtype, anchor_dtype, weight_dtype, form, grad_mode);
     if (kernel == nullptr || num_tensors < 1 || num_tensors > 0x7FFFFFFF || num_chunks < 0) return int(cudaErrorInvalidValue);
     int previous = -1;
     if (cudaError_t e = cudaGetDevice(&previous); e != cudaSuccess) return int(e);
@@ -297,7 +268,7 @@ extern "C" int fastcl_cuda_penalty(const int64_t* table, int64_t num_tensors, in
             e = cudaGetLastError();
         }
         if (e == cudaSuccess) {
-            sum_partials_kernel<<<1, kThreads, 0, s>>>(partials, grid, penalty_value_factor(kind, scale), out);
+            sum_partials_kernel<<<1, kThreads, 0, s>>>(partials, grid, penalty_value_factor(form, scale), out);
             e = cudaGetLastError();
         }
     }

@@ -14,20 +14,25 @@ from collections.abc import Iterable, Sequence
 import torch
 
 __all__ = [
+    "Tensors",
     "DTYPE_CODES",
     "STORAGE_CODES",
-    "KIND_CODES",
+    "FORM_CODES",
     "GRAD_MODES",
     "NO_WEIGHTS",
     "CheckedTensors",
     "check_tensor",
     "check_list",
     "penalty_arguments",
+    "unsupported_reason",
 ]
+
+Tensors = Sequence[torch.Tensor]
+"""A list argument of the kernels (params, anchors, weights, grads)."""
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # θ, grads, logits
 STORAGE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # anchors and weights
-KIND_CODES = {"quadratic": 0, "l1": 1}
+FORM_CODES = {"quadratic": 0, "l1": 1}
 GRAD_MODES = {"value": 0, "accumulate": 1, "store": 2}
 NO_WEIGHTS = -1
 
@@ -89,15 +94,15 @@ def _checked(*lists) -> bool:
     return all(seq is None or type(seq) is CheckedTensors for seq in lists)
 
 
-def penalty_arguments(params, anchors, weights, grads, kind: str, store: bool, device: torch.device, backend: str) -> tuple:
+def penalty_arguments(params, anchors, weights, grads, form: str, store: bool, device: torch.device, backend: str) -> tuple:
     """The kernels' leading arguments, from checked lists or after checking every tensor.
 
     ``(param_ptrs, anchor_ptrs, weight_ptrs, grad_ptrs, sizes, param_code, anchor_code,
-    weight_code, kind_code, grad_mode)``; empty weight/grad address lists mean
+    weight_code, form_code, grad_mode)``; empty weight/grad address lists mean
     "unweighted"/"value only". ``store`` needs ``grads``.
     """
-    if kind not in KIND_CODES:
-        raise ValueError(f"kind must be one of {tuple(KIND_CODES)}, got {kind!r}")
+    if form not in FORM_CODES:
+        raise ValueError(f"form must be one of {tuple(FORM_CODES)}, got {form!r}")
     if store and grads is None:
         raise ValueError("store=True needs grads (the tensors the gradient is stored into)")
     if _checked(params, anchors, weights, grads):
@@ -120,6 +125,16 @@ def penalty_arguments(params, anchors, weights, grads, kind: str, store: bool, d
         DTYPE_CODES[p_dtype],
         STORAGE_CODES[a_dtype],
         NO_WEIGHTS if w_dtype is None else STORAGE_CODES[w_dtype],
-        KIND_CODES[kind],
+        FORM_CODES[form],
         mode,
     )
+
+
+def unsupported_reason(backend: str, ops: Iterable[str], op: str, dtype: torch.dtype) -> str | None:
+    """A compiled backend's answer to the dispatcher: ``None`` when ``op`` is among its ``ops``
+    and ``dtype`` has a code, else why not."""
+    if op not in ops:
+        return f"the {backend} backend has no {op} kernel"
+    if dtype not in DTYPE_CODES:
+        return f"the {backend} backend supports float32, bfloat16 and float16, not {dtype}"
+    return None

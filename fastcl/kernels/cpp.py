@@ -23,62 +23,37 @@ and :func:`unavailable_reason` reports it to the dispatcher.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from .._validate import check_real
-from ._checks import DTYPE_CODES, check_tensor, penalty_arguments
+from . import _checks
+from ._checks import DTYPE_CODES, Tensors, check_tensor, penalty_arguments
+from ._extension import load_extension
 
-try:
-    from .. import _C
-except ImportError as exc:  # not built (no compiler at install time, or the compile failed)
-    _C = None
-    BUILD_ERROR: str | None = (
-        f"fastcl._C is not available ({type(exc).__name__}: {exc}); "
-        "reinstall fastcl with a C++17 compiler to build it"
-    )
-else:
-    BUILD_ERROR = None
+# Not built when there was no compiler at install time, or the compile failed.
+_C, BUILD_ERROR = load_extension("_C", "reinstall fastcl with a C++17 compiler to build it")
 
 __all__ = ["BUILD_ERROR", "OPS", "distill", "penalty", "sqgrad", "unavailable_reason", "unsupported_reason"]
 
 _CPU = torch.device("cpu")
 
 
-def penalty(
-    params: Sequence[torch.Tensor],
-    anchors: Sequence[torch.Tensor],
-    weights: Sequence[torch.Tensor] | None,
-    scale: float,
-    kind: str,
-    grads: Sequence[torch.Tensor] | None,
-    *,
-    store: bool = False,
-) -> torch.Tensor:
-    """``s·Σ w·φ(θ−a)`` as a 0-dim float32 tensor; with ``grads``, ``grads[t] += s·w·φ'(θ−a)``
-    (``store=True``: ``grads[t] = s·w·φ'(θ−a)``).
-
-    Called by :func:`fastcl.ops.penalty` (signature and guarantees in its module
-    docstring); direct callers get every tensor checked. Anchors and weights in float32
-    or bfloat16 (the ops layer sends float64 ones to the torch backend).
+def penalty(params: Tensors, anchors: Tensors, weights: Tensors | None, scale: float, form: str, grads: Tensors | None, *,
+            store: bool = False) -> torch.Tensor:
+    """The penalty kernel of :mod:`fastcl.ops.penalty` (contract there) on CPU: the value as a
+    0-dim float32 tensor. Lists the ops layer did not check are checked here.
     """
     if _C is None:
         raise RuntimeError(BUILD_ERROR)
     if not params:
         return torch.zeros((), dtype=torch.float32)
-    args = penalty_arguments(params, anchors, weights, grads, kind, store, _CPU, "cpp")
+    args = penalty_arguments(params, anchors, weights, grads, form, store, _CPU, "cpp")
     value = _C.penalty(*args, float(scale), torch.get_num_threads())
     return torch.tensor(value, dtype=torch.float32)
 
 
-def distill(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    temperature: float,
-    mask: torch.Tensor | None = None,
-    grad_scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def distill(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None,
+            grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row ``(T²·KL(softmax(t/T) ‖ softmax(s/T)), grad_scale·T·(softmax(s/T) − softmax(t/T)))``.
 
     ``student``, ``teacher``: ``[R, V]`` contiguous CPU tensors of one dtype; ``mask``:
@@ -163,8 +138,4 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 
 def unsupported_reason(op: str, dtype: torch.dtype) -> str | None:
     """``None`` when ``op`` has a cpp kernel for tensors of ``dtype``, else why not."""
-    if op not in OPS:
-        return f"the cpp backend has no {op} kernel"
-    if dtype not in DTYPE_CODES:
-        return f"the cpp backend supports float32, bfloat16 and float16, not {dtype}"
-    return None
+    return _checks.unsupported_reason("cpp", OPS, op, dtype)

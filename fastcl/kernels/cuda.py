@@ -32,18 +32,13 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import DTYPE_CODES, penalty_arguments
+from . import _checks
+from ._checks import Tensors, penalty_arguments
+from ._extension import load_extension
 
-try:
-    from .. import _cuda
-except ImportError as exc:  # not built (no nvcc at install time, FASTCL_BUILD_CUDA=0, or a failed compile)
-    _cuda = None
-    BUILD_ERROR: str | None = (
-        f"fastcl._cuda is not available ({type(exc).__name__}: {exc}); it is built at install time "
-        "only when nvcc is found (CUDA_HOME or PATH) and FASTCL_BUILD_CUDA is not 0"
-    )
-else:
-    BUILD_ERROR = None
+# Not built when there was no nvcc at install time, FASTCL_BUILD_CUDA=0, or the compile failed.
+_cuda, BUILD_ERROR = load_extension(
+    "_cuda", "it is built at install time only when nvcc is found (CUDA_HOME or PATH) and FASTCL_BUILD_CUDA is not 0")
 
 __all__ = ["BUILD_ERROR", "OPS", "TABLE_CACHE_SIZE", "penalty", "penalty_table", "unavailable_reason", "unsupported_reason"]
 
@@ -85,22 +80,10 @@ def _max_partials(index: int) -> int:
     return _cuda.penalty_max_partials(_cuda.multiprocessor_count(index))
 
 
-def penalty(
-    params: Sequence[torch.Tensor],
-    anchors: Sequence[torch.Tensor],
-    weights: Sequence[torch.Tensor] | None,
-    scale: float,
-    kind: str,
-    grads: Sequence[torch.Tensor] | None,
-    *,
-    store: bool = False,
-) -> torch.Tensor:
-    """``s·Σ w·φ(θ−a)`` as a 0-dim float32 tensor on θ's device; with ``grads``, ``grads[t] += s·w·φ'(θ−a)``
-    (``store=True``: ``grads[t] = s·w·φ'(θ−a)``).
-
-    Called by :func:`fastcl.ops.penalty` (signature and guarantees in its module
-    docstring). Asynchronous on the current stream. Anchors and weights in float32 or
-    bfloat16 (the ops layer sends float64 ones to the torch backend).
+def penalty(params: Tensors, anchors: Tensors, weights: Tensors | None, scale: float, form: str, grads: Tensors | None, *,
+            store: bool = False) -> torch.Tensor:
+    """The penalty kernel of :mod:`fastcl.ops.penalty` (contract there) on one CUDA device: the
+    value as a 0-dim float32 tensor on θ's device, computed asynchronously on the current stream.
     """
     if _cuda is None:
         raise RuntimeError(BUILD_ERROR)
@@ -110,14 +93,14 @@ def penalty(
     device = params[0].device
     if device.type != "cuda":
         raise ValueError(f"params[0] must be a CUDA tensor for the cuda backend, got {device}")
-    *addresses, sizes, p_code, a_code, w_code, kind_code, mode = penalty_arguments(
-        params, anchors, weights, grads, kind, store, device, "cuda")
+    *addresses, sizes, p_code, a_code, w_code, form_code, mode = penalty_arguments(
+        params, anchors, weights, grads, form, store, device, "cuda")
     stream = torch.cuda.current_stream(device).cuda_stream
     table, n_chunks = _device_table(addresses, sizes, device, stream)
     max_partials = _max_partials(device.index)
     scratch = torch.empty(max_partials + 1, dtype=torch.float32, device=device)
     _cuda.penalty(
-        table.data_ptr(), len(sizes), n_chunks, p_code, a_code, w_code, kind_code, mode, float(scale),
+        table.data_ptr(), len(sizes), n_chunks, p_code, a_code, w_code, form_code, mode, float(scale),
         scratch.data_ptr(), max_partials, scratch.data_ptr() + 4 * max_partials, device.index, stream,
     )
     return scratch[max_partials]
@@ -146,8 +129,4 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 
 def unsupported_reason(op: str, dtype: torch.dtype) -> str | None:
     """``None`` when ``op`` has a cuda kernel for tensors of ``dtype``, else why not."""
-    if op not in OPS:
-        return f"the cuda backend has no {op} kernel"
-    if dtype not in DTYPE_CODES:
-        return f"the cuda backend supports float32, bfloat16 and float16, not {dtype}"
-    return None
+    return _checks.unsupported_reason("cuda", OPS, op, dtype)

@@ -22,6 +22,10 @@ Every backend module exposes
   ``fastcl/ops/<op>.py``, functions ``<op>_reference``),
 * ``unavailable_reason(device) -> str | None``,
 * ``unsupported_reason(op, dtype) -> str | None``.
+
+What the dispatcher would do is readable as :class:`BackendStatus` records:
+:func:`op_backends` (per op: the backend chosen, or why none can run it) and
+:func:`backend_status` (per backend: can it run on the device at all).
 """
 from __future__ import annotations
 
@@ -30,15 +34,19 @@ import importlib
 import os
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 __all__ = [
     "BACKENDS",
     "OPS",
+    "BackendStatus",
     "BackendUnavailableError",
     "backend_info",
-    "resolve",
+    "backend_status",
+    "choose_backend",
+    "op_backends",
     "use_backend",
 ]
 
@@ -62,6 +70,19 @@ _local = threading.local()
 
 class BackendUnavailableError(RuntimeError):
     """A forced backend cannot run the requested op (the message says why)."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run: ``name`` is the backend (``None`` when no backend
+    can run an op), ``reason`` says why not when ``available`` is false."""
+
+    name: str | None
+    available: bool
+    reason: str | None = None
+
+    def __str__(self) -> str:
+        return str(self.name) if self.available else f"unavailable: {self.reason}"
 
 
 def _forced() -> str | None:
@@ -120,8 +141,12 @@ def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype) ->
     return mod.unsupported_reason(op, dtype)
 
 
-def resolve(op: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[str, Callable]:
-    """Return ``(backend_name, kernel_fn)`` for ``op`` on ``device`` with primary ``dtype``."""
+def choose_backend(op: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[str, Callable]:
+    """Choose the backend for ``op`` on ``device`` with primary ``dtype``: ``(backend_name, kernel_fn)``.
+
+    The forced backend (:func:`use_backend`, ``FASTCL_BACKEND``) or else the first in the
+    device's preference order that can run it; :class:`BackendUnavailableError` when none can.
+    """
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     device = torch.device(device)
@@ -139,25 +164,39 @@ def resolve(op: str, device: torch.device | str, dtype: torch.dtype = torch.floa
     raise BackendUnavailableError(f"no backend can run {op} on {device} ({dtype})")
 
 
+def op_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, BackendStatus]:
+    """For each op, the :class:`BackendStatus` of the backend :func:`choose_backend` picks on
+    ``device``/``dtype``; when it cannot run the op, ``available`` is false with the reason
+    (``name``: the forced backend, or ``None`` when no backend can)."""
+    statuses = {}
+    for op in OPS:
+        try:
+            statuses[op] = BackendStatus(choose_backend(op, device, dtype)[0], True)
+        except (BackendUnavailableError, ValueError) as exc:
+            try:
+                forced = _forced()
+            except ValueError:
+                forced = None
+            statuses[op] = BackendStatus(forced, False, str(exc))
+    return statuses
+
+
 def backend_info(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, str]:
     """Name the backend each op would use on ``device``: ``{"penalty": ..., "sqgrad": ..., "distill": ...}``.
 
-    An op that cannot run (e.g. a forced backend lacking it) maps to ``"unavailable: <reason>"``.
+    An op that cannot run (e.g. a forced backend lacking it) maps to ``"unavailable: <reason>"``;
+    to test for that, read the records of :func:`op_backends` rather than the text.
     """
-    info = {}
-    for op in OPS:
-        try:
-            info[op] = resolve(op, device, dtype)[0]
-        except (BackendUnavailableError, ValueError) as exc:
-            info[op] = f"unavailable: {exc}"
-    return info
+    return {op: str(status) for op, status in op_backends(device, dtype).items()}
 
 
-def backend_status(device: torch.device | str = "cpu") -> dict[str, str | None]:
-    """For each backend, ``None`` if it can run on ``device`` at all, else the reason (for ``fastcl info``)."""
+def backend_status(device: torch.device | str = "cpu") -> dict[str, BackendStatus]:
+    """For each backend, whether it can run on ``device`` at all, with the reason when not (for ``fastcl info``)."""
     device = torch.device(device)
     status = {}
     for backend in BACKENDS:
         mod, reason = _load(backend)
-        status[backend] = reason if mod is None else mod.unavailable_reason(device)
+        if mod is not None:
+            reason = mod.unavailable_reason(device)
+        status[backend] = BackendStatus(backend, reason is None, reason)
     return status

@@ -30,17 +30,12 @@ REGISTERED: dict[str, Callable] = {}
 
 def compiling() -> bool:
     """True while ``torch.compile`` (dynamo) is tracing."""
-    compiler = getattr(torch, "compiler", None)
-    is_compiling = getattr(compiler, "is_compiling", None)
-    return bool(is_compiling and is_compiling())
+    return torch.compiler.is_compiling()
 
 
-def register(qualname: str, impl: Callable, fake: Callable, mutates_args: tuple[str, ...] = ()) -> Callable | None:
-    """``torch.library.custom_op(qualname)(impl)`` with ``fake`` registered; ``None`` on torch without it."""
-    custom_op = getattr(torch.library, "custom_op", None)
-    if custom_op is None:
-        return None
-    op = custom_op(qualname, impl, mutates_args=mutates_args)
+def register(qualname: str, impl: Callable, fake: Callable, mutates_args: tuple[str, ...] = ()) -> Callable:
+    """``torch.library.custom_op(qualname)(impl)`` with ``fake`` registered."""
+    op = torch.library.custom_op(qualname, impl, mutates_args=mutates_args)
     op.register_fake(fake)
     REGISTERED[qualname] = op
     return op

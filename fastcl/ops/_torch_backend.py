@@ -19,13 +19,8 @@ _CHUNK_BYTES = {"cpu": 1 << 19}
 _DEFAULT_CHUNK_BYTES = 1 << 28
 
 
-def distill(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    temperature: float,
-    mask: torch.Tensor | None = None,
-    grad_scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def distill(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None,
+            grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The distill kernel (contract in :mod:`fastcl.ops.distill`) in chunks of rows.
 
     Per chunk, with ``a = s/T − max``, ``b = t/T − max``, ``e = exp``, ``Z = Σ e``::

@@ -39,7 +39,7 @@ import torch
 
 from .._dtypes import acc_dtype
 from .._validate import check_int, check_real
-from ._dispatch import resolve
+from ._dispatch import choose_backend
 from ._library import compiling, register
 
 __all__ = ["distillation_loss", "fused_linear_distillation", "distill_reference", "REDUCTIONS"]
@@ -47,13 +47,8 @@ __all__ = ["distillation_loss", "fused_linear_distillation", "distill_reference"
 REDUCTIONS = ("batchmean", "sum", "none")
 
 
-def distill_reference(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    temperature: float,
-    mask: torch.Tensor | None = None,
-    grad_scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def distill_reference(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None,
+                      grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch oracle: ``(T²·KL(p_t‖p_s) per row, grad_scale·T·(p_s − p_t))``.
 
     Written for clarity, not speed (full-size temporaries in the accumulation dtype);
@@ -108,7 +103,7 @@ def _flat_mask(mask, lead_shape, device) -> torch.Tensor | None:
 def _distill_impl(
     student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None, grad_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _, kernel = resolve("distill", student.device, student.dtype)
+    _, kernel = choose_backend("distill", student.device, student.dtype)
     return kernel(student, teacher, temperature, mask, grad_scale)
 
 
@@ -121,7 +116,7 @@ _distill_op = register("fastcl::distill", _distill_impl, _distill_fake)
 
 def _distill_rows(student, teacher, temperature, mask, grad_scale=1.0):
     """Per-row losses and scaled gradients from the chosen backend (through the custom op when compiling)."""
-    impl = _distill_op if (_distill_op is not None and compiling()) else _distill_impl
+    impl = _distill_op if compiling() else _distill_impl
     return impl(student, teacher, temperature, mask, grad_scale)
 
 

@@ -6,11 +6,11 @@ Math (``t`` indexes tensors, ``k`` elements, ``s`` = ``scale``)::
     grad_t += s · w_t · φ'(θ_t − a_t)           (accumulate, the default)
     grad_t  = s · w_t · φ'(θ_t − a_t)           (store=True: grad_t is not read)
 
-with ``kind="quadratic"``: φ(d) = d²/2, φ'(d) = d, and ``kind="l1"``: φ(d) = |d|,
+with ``form="quadratic"``: φ(d) = d²/2, φ'(d) = d, and ``form="l1"``: φ(d) = |d|,
 φ'(d) = sign(d) (0 at d = 0). ``w`` is the importance (Fisher, MAS, SI); ``weights=None``
 means w = 1 (L2-SP / L1-SP). So EWC's ``(λ/2)·Σ F(θ−θ*)²`` is ``scale=λ, w=F``, L2-SP's
 ``(λ/2)·Σ(θ−θ*)²`` is ``scale=λ, weights=None`` and L1-SP's ``λ·Σ|θ−θ*|`` is
-``scale=λ, kind="l1"``.
+``scale=λ, form="l1"``.
 
 Dtypes: θ and grad in float32, bfloat16 or float16 (grad has θ's dtype); a and w in
 float32 or bfloat16; every product and the sum accumulate in float32 (float64 when θ, a
@@ -54,7 +54,7 @@ pays them once. A sparse tensor has no address, so a cache hit is a list that wo
 pass every check again; anything changed is a miss and is validated from scratch.
 
 Backend kernels (``OPS["penalty"]`` of a backend module) are called as
-``kernel(params, anchors, weights, scale, kind, grads, *, store=False)`` (``store`` only
+``kernel(params, anchors, weights, scale, form, grads, *, store=False)`` (``store`` only
 passed when True, and only to kernels whose signature has it; for others the ops layer
 zeroes the gradients and accumulates) with these guarantees: non-empty lists of equal
 length; every tensor non-empty, contiguous, on one device; per list one dtype (anchors
@@ -79,34 +79,26 @@ import torch
 
 from .._dtypes import FLOAT_DTYPES, acc_dtype, acc_dtype_of
 from .._validate import check_real
-from ..kernels._checks import CheckedTensors
-from ._dispatch import resolve
+from ..kernels._checks import CheckedTensors, Tensors
+from ._dispatch import choose_backend
 from ._library import compiling, register
 
-__all__ = ["penalty", "anchored_penalty", "penalty_reference", "KINDS"]
+__all__ = ["penalty", "anchored_penalty", "penalty_reference", "FORMS"]
 
-KINDS = ("quadratic", "l1")
+FORMS = ("quadratic", "l1")
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _CACHE_SIZE = 64  # validated lists kept (inputs, and inputs with gradients)
 
 
-def penalty_reference(
-    params: Sequence[torch.Tensor],
-    anchors: Sequence[torch.Tensor],
-    weights: Sequence[torch.Tensor] | None,
-    scale: float,
-    kind: str,
-    grads: Sequence[torch.Tensor] | None,
-    *,
-    store: bool = False,
-) -> torch.Tensor:
+def penalty_reference(params: Tensors, anchors: Tensors, weights: Tensors | None, scale: float, form: str, grads: Tensors | None, *,
+                      store: bool = False) -> torch.Tensor:
     """Plain-PyTorch penalty (the oracle and CPU fallback). Works on strided tensors."""
     acc = acc_dtype_of([*params, *anchors, *(weights or ())])
     total = torch.zeros((), dtype=acc, device=params[0].device)
     for i, p in enumerate(params):
         d = p.detach().to(acc) - anchors[i].to(acc)
         w = None if weights is None else weights[i].to(acc)
-        if kind == "quadratic":
+        if form == "quadratic":
             term = d * d
             total += 0.5 * (term if w is None else w * term).sum()
             slope = d
@@ -466,9 +458,9 @@ def _supports_store(kernel) -> bool:
     return known
 
 
-def _run(plan: _Plan, params, anchors, weights, grads, addresses, scale: float, kind: str, store: bool) -> torch.Tensor:
+def _run(plan: _Plan, params, anchors, weights, grads, addresses, scale: float, form: str, store: bool) -> torch.Tensor:
     """Execute a validated plan: every kernel is resolved before any runs (atomic)."""
-    calls = [(group, resolve("penalty", group.device, group.dtype)[1]) for group in plan.groups]
+    calls = [(group, choose_backend("penalty", group.device, group.dtype)[1]) for group in plan.groups]
     parts = []
     for group, kernel in calls:
         lists = []
@@ -485,14 +477,14 @@ def _run(plan: _Plan, params, anchors, weights, grads, addresses, scale: float, 
         ps, as_, ws, gs = lists
         if store and not _supports_store(kernel):
             torch._foreach_zero_(gs)
-            parts.append(kernel(ps, as_, ws, scale, kind, gs))
+            parts.append(kernel(ps, as_, ws, scale, form, gs))
         elif store:
-            parts.append(kernel(ps, as_, ws, scale, kind, gs, store=True))
+            parts.append(kernel(ps, as_, ws, scale, form, gs, store=True))
         else:
-            parts.append(kernel(ps, as_, ws, scale, kind, gs))
+            parts.append(kernel(ps, as_, ws, scale, form, gs))
     for idx in plan.strided:
         pick = lambda seq: None if seq is None else [seq[i] for i in idx]  # noqa: E731
-        parts.append(penalty_reference(pick(params), pick(anchors), pick(weights), scale, kind, pick(grads), store=store))
+        parts.append(penalty_reference(pick(params), pick(anchors), pick(weights), scale, form, pick(grads), store=store))
     out_device = params[0].device
     parts = [part.to(device=out_device, dtype=plan.value_dtype) for part in parts]
     if not parts:  # every tensor is empty
@@ -503,9 +495,9 @@ def _run(plan: _Plan, params, anchors, weights, grads, addresses, scale: float, 
     return total
 
 
-def _checked_scalars(scale, kind) -> float:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+def _checked_scalars(scale, form) -> float:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     return check_real(scale, "scale")
 
 
@@ -515,7 +507,7 @@ def penalty(
     weights: Sequence[torch.Tensor] | None = None,
     *,
     scale: float = 1.0,
-    kind: str = "quadratic",
+    form: str = "quadratic",
     grads: Sequence[torch.Tensor] | None = None,
     store: bool = False,
 ) -> torch.Tensor:
@@ -532,7 +524,7 @@ def penalty(
     anchors = list(anchors)
     weights = None if weights is None else list(weights)
     grads = None if grads is None else list(grads)
-    scale = _checked_scalars(scale, kind)
+    scale = _checked_scalars(scale, form)
     if not isinstance(store, bool):
         raise TypeError(f"store must be a bool, got {type(store).__name__}")
     if store and grads is None:
@@ -547,16 +539,16 @@ def penalty(
         _validate_inputs(params, anchors, weights)
         detached = [p.detach() for p in params]  # not differentiable, as in eager mode
         if grads is None:
-            return _penalty_value_op(detached, anchors, weights or [], scale, kind)
+            return _penalty_value_op(detached, anchors, weights or [], scale, form)
         _validate_grads(params, grads, tracing=True)
-        return _penalty_grad_op(detached, anchors, weights or [], scale, kind, grads, store)
-    return _penalty_eager(params, anchors, weights, scale, kind, grads, store)
+        return _penalty_grad_op(detached, anchors, weights or [], scale, form, grads, store)
+    return _penalty_eager(params, anchors, weights, scale, form, grads, store)
 
 
-def _penalty_eager(params, anchors, weights, scale, kind, grads, store, *, own_grads: bool = False) -> torch.Tensor:
+def _penalty_eager(params, anchors, weights, scale, form, grads, store, *, own_grads: bool = False) -> torch.Tensor:
     plan, addresses = _prepare(params, anchors, weights, grads, own_grads=own_grads)
     with torch.no_grad():
-        value = _run(plan, params, anchors, weights, grads, addresses, scale, kind, store)
+        value = _run(plan, params, anchors, weights, grads, addresses, scale, form, store)
     if grads is not None and not own_grads:
         torch.autograd.graph.increment_version(grads)
     return value
@@ -568,27 +560,27 @@ def _penalty_eager(params, anchors, weights, scale, kind, grads, store, *, own_g
 # returns the value with fresh gradients (anchored_penalty under torch.compile).
 
 def _value_impl(params: list[torch.Tensor], anchors: list[torch.Tensor], weights: list[torch.Tensor],
-                scale: float, kind: str) -> torch.Tensor:
-    return _penalty_eager(params, anchors, weights or None, scale, kind, None, False)
+                scale: float, form: str) -> torch.Tensor:
+    return _penalty_eager(params, anchors, weights or None, scale, form, None, False)
 
 
-def _value_fake(params, anchors, weights, scale, kind, *_):
+def _value_fake(params, anchors, weights, scale, form, *_):
     return params[0].new_empty((), dtype=acc_dtype_of(params))
 
 
 def _grad_impl(params: list[torch.Tensor], anchors: list[torch.Tensor], weights: list[torch.Tensor],
-               scale: float, kind: str, grads: list[torch.Tensor], store: bool) -> torch.Tensor:
-    return _penalty_eager(params, anchors, weights or None, scale, kind, grads, store)
+               scale: float, form: str, grads: list[torch.Tensor], store: bool) -> torch.Tensor:
+    return _penalty_eager(params, anchors, weights or None, scale, form, grads, store)
 
 
 def _with_grad_impl(params: list[torch.Tensor], anchors: list[torch.Tensor], weights: list[torch.Tensor],
-                    scale: float, kind: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                    scale: float, form: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     grads = [torch.empty_like(p) for p in params]
-    return _penalty_eager(params, anchors, weights or None, scale, kind, grads, True, own_grads=True), grads
+    return _penalty_eager(params, anchors, weights or None, scale, form, grads, True, own_grads=True), grads
 
 
-def _with_grad_fake(params, anchors, weights, scale, kind):
-    return _value_fake(params, anchors, weights, scale, kind), [torch.empty_like(p) for p in params]
+def _with_grad_fake(params, anchors, weights, scale, form):
+    return _value_fake(params, anchors, weights, scale, form), [torch.empty_like(p) for p in params]
 
 
 _penalty_value_op = register("fastcl::penalty", _value_impl, _value_fake)
@@ -598,18 +590,18 @@ _penalty_with_grad_op = register("fastcl::penalty_with_grad", _with_grad_impl, _
 
 # ----------------------------------------------------------------------------- autograd
 
-def _value_and_gradient(params, anchors, weights, scale, kind, idx) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _value_and_gradient(params, anchors, weights, scale, form, idx) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The value, and ``s·w·φ'(θ−a)`` for the positions ``idx`` in fresh buffers (store mode)."""
     if len(idx) == len(params):
         buffers = [torch.empty_like(p) for p in params]
-        return _penalty_eager(params, anchors, weights, scale, kind, buffers, True, own_grads=True), buffers
+        return _penalty_eager(params, anchors, weights, scale, form, buffers, True, own_grads=True), buffers
     pick = lambda seq, sel: None if seq is None else [seq[i] for i in sel]  # noqa: E731
     chosen = set(idx)
     rest = [i for i in range(len(params)) if i not in chosen]
     buffers = [torch.empty_like(params[i]) for i in idx]
-    value = _penalty_eager(pick(params, rest), pick(anchors, rest), pick(weights, rest), scale, kind, None, False)
+    value = _penalty_eager(pick(params, rest), pick(anchors, rest), pick(weights, rest), scale, form, None, False)
     if idx:
-        value = value + _penalty_eager(pick(params, idx), pick(anchors, idx), pick(weights, idx), scale, kind,
+        value = value + _penalty_eager(pick(params, idx), pick(anchors, idx), pick(weights, idx), scale, form,
                                        buffers, True, own_grads=True)
     return value, buffers
 
@@ -623,22 +615,22 @@ def _scale_(buffers: list[torch.Tensor], factor: torch.Tensor) -> None:
         torch._foreach_mul_(group, factor if factor.device == device else factor.to(device))
 
 
-def _differentiable_gradient(p, a, w, scale, kind, grad_output) -> torch.Tensor:
+def _differentiable_gradient(p, a, w, scale, form, grad_output) -> torch.Tensor:
     """``grad_output·s·w·φ'(θ−a)`` from torch ops, for ``create_graph=True``."""
     acc = acc_dtype(p.dtype)
     d = p.to(acc) - a.to(acc)
-    slope = d if kind == "quadratic" else d.sign()
+    slope = d if form == "quadratic" else d.sign()
     step = slope * scale if w is None else slope * (w.to(acc) * scale)
     return (step * grad_output.to(acc)).to(p.dtype)
 
 
 class _AnchoredPenalty(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, scale, kind, anchors, weights, *params):
-        ctx.scale, ctx.kind, ctx.anchors, ctx.weights = scale, kind, anchors, weights
+    def forward(ctx, scale, form, anchors, weights, *params):
+        ctx.scale, ctx.form, ctx.anchors, ctx.weights = scale, form, anchors, weights
         ctx.idx = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
         ctx.save_for_backward(*params)  # read only by create_graph and a second backward
-        value, ctx.buffers = _value_and_gradient(params, anchors, weights, scale, kind, ctx.idx)
+        value, ctx.buffers = _value_and_gradient(params, anchors, weights, scale, form, ctx.idx)
         return value
 
     @staticmethod
@@ -649,11 +641,11 @@ class _AnchoredPenalty(torch.autograd.Function):
             params = ctx.saved_tensors
             for i in ctx.idx:
                 w = None if ctx.weights is None else ctx.weights[i]
-                out[i] = _differentiable_gradient(params[i], ctx.anchors[i], w, ctx.scale, ctx.kind, grad_output)
+                out[i] = _differentiable_gradient(params[i], ctx.anchors[i], w, ctx.scale, ctx.form, grad_output)
             return (None, None, None, None, *out)
         if buffers is None:  # a second backward through a retained graph
             params = ctx.saved_tensors
-            _, buffers = _value_and_gradient(params, ctx.anchors, ctx.weights, ctx.scale, ctx.kind, ctx.idx)
+            _, buffers = _value_and_gradient(params, ctx.anchors, ctx.weights, ctx.scale, ctx.form, ctx.idx)
         # On CPU the factor is read (usually exactly 1: no pass at all); on other devices it
         # is applied without reading it back, which would synchronise with the device.
         if buffers and (grad_output.device.type != "cpu" or grad_output.item() != 1.0):
@@ -668,8 +660,8 @@ class _TracedAnchoredPenalty(torch.autograd.Function):
     """The same under torch.compile: a functional op returns fresh gradients to save."""
 
     @staticmethod
-    def forward(ctx, scale, kind, anchors, weights, *params):
-        value, grads = _penalty_with_grad_op(list(params), anchors, weights or [], scale, kind)
+    def forward(ctx, scale, form, anchors, weights, *params):
+        value, grads = _penalty_with_grad_op(list(params), anchors, weights or [], scale, form)
         ctx.save_for_backward(*grads)
         return value
 
@@ -684,7 +676,7 @@ def anchored_penalty(
     weights: Sequence[torch.Tensor] | None = None,
     *,
     scale: float = 1.0,
-    kind: str = "quadratic",
+    form: str = "quadratic",
 ) -> torch.Tensor:
     """Differentiable ``s·Σ w·φ(θ−a)`` (gradient flows to ``params`` only).
 
@@ -698,12 +690,12 @@ def anchored_penalty(
     params = list(params)
     anchors = list(anchors)
     weights = None if weights is None else list(weights)
-    scale = _checked_scalars(scale, kind)
+    scale = _checked_scalars(scale, form)
     if not params:
         return torch.zeros((), dtype=torch.float32)
     if not torch.is_grad_enabled() or not any(p.requires_grad for p in params):
-        return penalty(params, anchors, weights, scale=scale, kind=kind)
+        return penalty(params, anchors, weights, scale=scale, form=form)
     if compiling():
         _validate_inputs(params, anchors, weights)
-        return _TracedAnchoredPenalty.apply(scale, kind, anchors, weights, *params)
-    return _AnchoredPenalty.apply(scale, kind, anchors, weights, *params)
+        return _TracedAnchoredPenalty.apply(scale, form, anchors, weights, *params)
+    return _AnchoredPenalty.apply(scale, form, anchors, weights, *params)

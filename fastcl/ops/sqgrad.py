@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from .._dtypes import acc_dtype
-from ._dispatch import resolve
+from ._dispatch import choose_backend
 from ._library import compiling, register
 
 __all__ = ["sqgrad", "sqgrad_into", "sqgrad_reference"]
@@ -59,19 +59,13 @@ def sqgrad(
     out: torch.Tensor | None = None,
     *,
     norm: str = "squared",
-    power: int | None = None,
 ) -> torch.Tensor:
     """Add ``Σ_b (Σ_t g[b,t,:] ⊗ x[b,t,:])²`` (``norm="abs"``: ``Σ_b |…|``) into ``out`` and return it.
 
     ``x``: ``[B, I]`` or ``[B, T, I]`` layer inputs; ``g``: ``[B, O]`` or ``[B, T, O]``
     gradients of the per-sample losses with respect to the layer outputs; any strides.
     ``out``: ``[O, I]`` float32 (float64 for float64 inputs), created (zeros) when ``None``.
-    ``power`` (2 or 1) is the older spelling of ``norm`` ("squared" or "abs").
     """
-    if power is not None:
-        if power not in (1, 2) or isinstance(power, bool):
-            raise ValueError(f"power must be 2 (norm='squared') or 1 (norm='abs'), got {power!r}")
-        norm = "squared" if power == 2 else "abs"
     if norm not in NORMS:
         raise ValueError(f"norm must be 'squared' or 'abs', got {norm!r}")
     power = NORMS[norm]
@@ -115,7 +109,7 @@ def sqgrad_into(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor, power: int)
         return out
     if x.shape[1] == 0:
         return out
-    impl = _sqgrad_op if (_sqgrad_op is not None and compiling()) else _sqgrad_impl
+    impl = _sqgrad_op if compiling() else _sqgrad_impl
     if out.is_contiguous():
         impl(x, g, out, power)
     else:
@@ -126,7 +120,7 @@ def sqgrad_into(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor, power: int)
 
 
 def _sqgrad_impl(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor, power: int) -> None:
-    name, kernel = resolve("sqgrad", x.device, x.dtype)
+    name, kernel = choose_backend("sqgrad", x.device, x.dtype)
     if name not in ("torch", "cpp"):
         # These kernels index raw rows; the torch reference (bmm) and the cpp kernel (which
         # packs its panels from any strides) read strided views such as a transposed im2col.

@@ -185,7 +185,7 @@ class _StepHooks:
 class AnchoredRegularizer:
     """Holds anchors, importance and a constant per covered parameter; evaluates the penalty.
 
-    Subclasses set ``kind`` ("quadratic" or "l1") and ``uses_importance`` and commit fully
+    Subclasses set ``penalty_form`` ("quadratic" or "l1", the φ of :func:`fastcl.ops.penalty`) and ``uses_importance`` and commit fully
     computed new state with :meth:`_commit` (so a failed consolidation changes nothing).
     ``consolidation_input`` says what ``consolidate`` reads from its data: ``None`` (no
     data), ``"loss"`` (per-sample losses: ``forward``/``loss_fn``) or ``"outputs"`` (the
@@ -195,7 +195,7 @@ class AnchoredRegularizer:
     called around every step of an attached optimizer that actually updates the weights.
     """
 
-    kind = "quadratic"
+    penalty_form = "quadratic"
     uses_importance = True
     consolidation_input: str | None = None
     requires_optimizer = False
@@ -375,13 +375,13 @@ class AnchoredRegularizer:
         value = None
         for groups, idx in self._partition:
             if idx is None:
-                part = anchored_penalty(params, anchors, weights, scale=self.strength, kind=self.kind)
+                part = anchored_penalty(params, anchors, weights, scale=self.strength, form=self.penalty_form)
             else:
                 with torch.no_grad():
                     local_anchors = [local_tensor(anchors[i]) for i in idx]
                     local_weights = None if weights is None else [local_tensor(weights[i]) for i in idx]
                 part = anchored_penalty([local_tensor(params[i]) for i in idx], local_anchors, local_weights,
-                                        scale=self.strength, kind=self.kind)
+                                        scale=self.strength, form=self.penalty_form)
             if groups:
                 total = all_reduce_sum(part.detach().clone(), groups)
                 part = part + (total - part.detach())
@@ -435,7 +435,7 @@ class AnchoredRegularizer:
                 rest = [i for i in idx if i not in live_set]
                 part = torch.zeros_like(value)
                 if rest:
-                    part = part + fused_penalty(pick(params, rest), pick(anchors, rest), pick(weights, rest), scale=self.strength, kind=self.kind)
+                    part = part + fused_penalty(pick(params, rest), pick(anchors, rest), pick(weights, rest), scale=self.strength, form=self.penalty_form)
                 if live:
                     grads = []
                     for i in live:
@@ -445,7 +445,7 @@ class AnchoredRegularizer:
                             created.append((params[i], g))
                         grads.append(local(g))
                     scaled = fused_penalty(pick(params, live), pick(anchors, live), pick(weights, live),
-                                           scale=self.strength * grad_scale, kind=self.kind, grads=grads)
+                                           scale=self.strength * grad_scale, form=self.penalty_form, grads=grads)
                     part = part + (scaled if grad_scale == 1.0 else scaled / grad_scale)
                 value = value + all_reduce_sum(part, groups)  # FSDP2: the local shards' sum over ranks
         for p, g in created:
@@ -556,7 +556,7 @@ class AnchoredRegularizer:
         return {
             "type": type(self).__name__,
             "strength": self.strength,
-            "kind": self.kind,
+            "form": self.penalty_form,
             "num_consolidations": self.num_consolidations,
             "constant": self._constant,
             "anchors": {n: t.clone() for n, t in self._anchors.items()},
@@ -594,8 +594,9 @@ class AnchoredRegularizer:
         missing = [k for k in required if k not in state]
         if missing:
             raise ValueError(f"state_dict is missing {missing}; expected the keys of {type(self).__name__}.state_dict()")
-        if state.get("kind", self.kind) != self.kind:
-            raise ValueError(f"state_dict has kind={state.get('kind')!r}, {type(self).__name__} uses kind={self.kind!r}")
+        saved_form = state.get("form", state.get("kind", self.penalty_form))  # "kind": the key of earlier versions
+        if saved_form != self.penalty_form:
+            raise ValueError(f"state_dict has form={saved_form!r}, {type(self).__name__} uses form={self.penalty_form!r}")
         strength = check_strength(state["strength"], "state_dict['strength']")
         constant = check_real(state.get("constant", 0.0), "state_dict['constant']", low=0.0)
         saved_anchors, saved_importance = state["anchors"], state.get("importance") or {}

@@ -38,7 +38,7 @@ MODES = ("separate", "online")
 class ImportanceRegularizer(AnchoredRegularizer):
     """An anchored quadratic penalty whose importance accumulates over consolidations."""
 
-    kind = "quadratic"
+    penalty_form = "quadratic"
     uses_importance = True
 
     def __init__(self, model, strength, *, mode: str = "separate", decay: float = 1.0, storage_dtype=torch.float32):

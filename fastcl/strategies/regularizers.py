@@ -41,10 +41,10 @@ class _StartingPoint(AnchoredRegularizer):
 class L2SP(_StartingPoint):
     """``(λ/2)·Σ(θ − θ*)²`` toward the weights at construction / last :meth:`consolidate`."""
 
-    kind = "quadratic"
+    penalty_form = "quadratic"
 
 
 class L1SP(_StartingPoint):
     """``λ·Σ|θ − θ*|`` toward the weights at construction / last :meth:`consolidate`."""
 
-    kind = "l1"
+    penalty_form = "l1"

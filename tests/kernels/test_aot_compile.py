@@ -44,7 +44,7 @@ def _dtype(name: str):
     return getattr(torch, name)
 
 
-def _penalty(p_dtype, s_dtype, *, weights=True, grads="accumulate", kind="quadratic", sizes=(7, 1000, 4099, 33),
+def _penalty(p_dtype, s_dtype, *, weights=True, grads="accumulate", form="quadratic", sizes=(7, 1000, 4099, 33),
              with_reduce=False):
     def build():
         import torch
@@ -58,7 +58,7 @@ def _penalty(p_dtype, s_dtype, *, weights=True, grads="accumulate", kind="quadra
         anchors = [flat[o:o + n] for o, n in zip(offsets, sizes)]
         ws = [torch.rand(n, generator=gen).to(_dtype(s_dtype)) for n in sizes] if weights else None
         gs = [torch.zeros(n, dtype=_dtype(p_dtype)) for n in sizes] if grads else None
-        main, reduce, _ = penalty.plan(params, anchors, ws, 0.5, kind, gs, store=grads == "store")
+        main, reduce, _ = penalty.plan(params, anchors, ws, 0.5, form, gs, store=grads == "store")
         return [main, reduce] if with_reduce else [main]       # one reduce configuration in all
     return build
 
@@ -102,8 +102,8 @@ CASES = {
     # specialises n_tensors = 1. Every binary holds the all-aligned, θ/grad-aligned and
     # element-wise paths (alignment is a per-tensor runtime choice).
     "penalty-f32-f32-acc-quad": (_penalty("float32", "float32", with_reduce=True), VECTOR),
-    "penalty-bf16-f32-store-l1": (_penalty("bfloat16", "float32", grads="store", kind="l1"), VECTOR),
-    "penalty-f16-bf16-acc-l1": (_penalty("float16", "bfloat16", kind="l1"), VECTOR),
+    "penalty-bf16-f32-store-l1": (_penalty("bfloat16", "float32", grads="store", form="l1"), VECTOR),
+    "penalty-f16-bf16-acc-l1": (_penalty("float16", "bfloat16", form="l1"), VECTOR),
     "penalty-bf16-bf16-value-1tensor": (_penalty("bfloat16", "bfloat16", weights=False, grads=None, sizes=(5000,)), VECTOR),
     "penalty-f32-f64-store-quad": (_penalty("float32", "float64", grads="store"), VECTOR),
     # sqgrad: small tiles (conv1: O=16, I=9), large aligned tiles, odd shapes, |.| and

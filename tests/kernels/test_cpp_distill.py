@@ -11,16 +11,10 @@ import zlib
 import pytest
 import torch
 
+from fastcl import testing as ref
 from fastcl.kernels import cpp
 from fastcl.ops import distillation_loss, use_backend
-from tests.ops._distill_cases import (
-    KERNEL_DTYPES,
-    assert_matches_oracle,
-    assert_nonfinite_contract,
-    logits,
-    nonfinite_case,
-    oracle,
-)
+from fastcl.testing import KERNEL_TOLERANCES, param_id
 
 needs_ext = pytest.mark.skipif(cpp._C is None, reason=f"fastcl._C not built: {cpp.BUILD_ERROR}")
 
@@ -52,56 +46,56 @@ def run_isa(isa, student, teacher, temperature, mask=None, grad_scale=1.0, threa
 
 
 @needs_ext
-@pytest.mark.parametrize("dtype,tol", KERNEL_DTYPES)
+@pytest.mark.parametrize("dtype, tol", KERNEL_TOLERANCES, ids=param_id)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 1000), (2, 50257)])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize("masked", [False, True])
 def test_kernel_matches_float64(dtype, tol, shape, temperature, masked):
     seed = zlib.crc32(repr((dtype, shape, temperature, masked)).encode())
-    student, teacher = logits(*shape, dtype, seed=seed)
+    student, teacher = ref.logits(*shape, dtype, seed=seed)
     mask = (torch.rand(shape[0], generator=torch.Generator().manual_seed(seed)) > 0.4) if masked else None
     grad_scale = 1.0 / shape[0]
     row_loss, grad = cpp.distill(student, teacher, temperature, mask, grad_scale)
-    assert_matches_oracle(row_loss, grad, student, teacher, temperature, tol, mask, grad_scale)
+    ref.assert_distill_matches(row_loss, grad, student, teacher, temperature, tol, mask, grad_scale)
 
 
 @needs_ext
 @pytest.mark.parametrize("isa", range(len(ISA_NAMES)), ids=ISA_NAMES)
-@pytest.mark.parametrize("dtype,tol", KERNEL_DTYPES)
+@pytest.mark.parametrize("dtype, tol", KERNEL_TOLERANCES, ids=param_id)
 def test_every_isa_variant_matches_float64(isa, dtype, tol):
     """The run-time dispatch picks the widest variant; each one this CPU can run is checked here."""
-    student, teacher = logits(5, 1037, dtype, seed=100 + isa, spread=4.0)  # V not a multiple of any vector width
+    student, teacher = ref.logits(5, 1037, dtype, seed=100 + isa, spread=4.0)  # V not a multiple of any vector width
     teacher[1, 3] = float("-inf")
     mask = torch.tensor([True, True, False, True, True])
     row_loss, grad = run_isa(isa, student, teacher, 1.7, mask, grad_scale=0.25)
-    assert_matches_oracle(row_loss, grad, student, teacher, 1.7, tol, mask, grad_scale=0.25)
+    ref.assert_distill_matches(row_loss, grad, student, teacher, 1.7, tol, mask, grad_scale=0.25)
 
 
 @needs_ext
 @pytest.mark.parametrize("isa", range(len(ISA_NAMES)), ids=ISA_NAMES)
-@pytest.mark.parametrize("dtype,tol", KERNEL_DTYPES)
+@pytest.mark.parametrize("dtype, tol", KERNEL_TOLERANCES, ids=param_id)
 def test_every_isa_variant_nonfinite(isa, dtype, tol):
     """NaN, ±inf in teacher and student: the contract's outcome per row, and the oracle's values."""
-    student, teacher, mask, expect = nonfinite_case(dtype)
+    student, teacher, mask, expect = ref.nonfinite_case(dtype)
     row_loss, grad = run_isa(isa, student, teacher, 2.0, mask, grad_scale=0.5)
-    assert_nonfinite_contract(row_loss, grad, expect)
-    assert_matches_oracle(row_loss, grad, student, teacher, 2.0, tol, mask, grad_scale=0.5)
+    ref.assert_nonfinite_contract(row_loss, grad, expect)
+    ref.assert_distill_matches(row_loss, grad, student, teacher, 2.0, tol, mask, grad_scale=0.5)
 
 
 @needs_ext
 @pytest.mark.parametrize("isa", range(len(ISA_NAMES)), ids=ISA_NAMES)
 def test_every_isa_variant_long_rows_and_extreme_spread(isa):
     """Rows longer than the kernel's reduction blocks, logits far apart (exp underflow)."""
-    student, teacher = logits(3, 70001, torch.float32, seed=7, spread=60.0)
+    student, teacher = ref.logits(3, 70001, torch.float32, seed=7, spread=60.0)
     row_loss, grad = run_isa(isa, student, teacher, 0.5)
-    want_loss, want_grad = oracle(student, teacher, 0.5)
+    want_loss, want_grad = ref.distill_oracle(student, teacher, 0.5)
     torch.testing.assert_close(row_loss.double(), want_loss, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-6)
 
 
 @needs_ext
 def test_thread_count_does_not_change_results():
-    student, teacher = logits(7, 333, torch.bfloat16, seed=8)
+    student, teacher = ref.logits(7, 333, torch.bfloat16, seed=8)
     one = run_isa(-1, student, teacher, 2.0, threads=1)
     two = run_isa(-1, student, teacher, 2.0, threads=2)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
@@ -109,7 +103,7 @@ def test_thread_count_does_not_change_results():
 
 @needs_ext
 def test_identical_logits_give_zero():
-    student, _ = logits(3, 129, torch.float32, seed=23)
+    student, _ = ref.logits(3, 129, torch.float32, seed=23)
     row_loss, grad = cpp.distill(student, student.clone(), 1.7, None)
     assert row_loss.abs().max().item() < 1e-5
     assert grad.abs().max().item() < 1e-6
@@ -118,13 +112,13 @@ def test_identical_logits_give_zero():
 @needs_ext
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 def test_public_loss_and_backward(reduction):
-    student, teacher = logits(2 * 3, 301, torch.float32, seed=24)
+    student, teacher = ref.logits(2 * 3, 301, torch.float32, seed=24)
     student = student.reshape(2, 3, 301).requires_grad_()
     teacher = teacher.reshape(2, 3, 301)
     mask = torch.rand(2, 3, generator=torch.Generator().manual_seed(24)) > 0.3
     with use_backend("cpp"):
         loss = distillation_loss(student, teacher, temperature=2.0, reduction=reduction, mask=mask)
-    want_rows, want_grad = oracle(student.detach().reshape(6, 301), teacher.reshape(6, 301), 2.0, mask.reshape(6))
+    want_rows, want_grad = ref.distill_oracle(student.detach().reshape(6, 301), teacher.reshape(6, 301), 2.0, mask.reshape(6))
     upstream = torch.linspace(0.5, 2.0, 6).reshape(2, 3) if reduction == "none" else torch.tensor(1.0)
     loss.backward(upstream)
     if reduction == "none":

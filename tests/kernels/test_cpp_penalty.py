@@ -14,8 +14,15 @@ import torch
 
 from fastcl.kernels import _checks, cpp
 from fastcl.ops import BackendUnavailableError, penalty, use_backend
-
-from ._penalty_oracle import assert_grads_close, expected, make_inputs, seed_of
+from fastcl.testing import (
+    KERNEL_TOLERANCES,
+    PENALTY_GRID,
+    assert_penalty_matches,
+    at_thread_counts,
+    check_penalty_kernel,
+    param_id,
+    penalty_inputs,
+)
 
 needs_ext = pytest.mark.skipif(cpp._C is None, reason=f"fastcl._C not built: {cpp.BUILD_ERROR}")
 
@@ -30,7 +37,7 @@ def test_python_codes_match_csrc_common():
     assert {dtype: code[name] for dtype, name in ((torch.float32, "kFloat32"), (torch.bfloat16, "kBFloat16"),
                                                  (torch.float16, "kFloat16"))} == _checks.DTYPE_CODES
     assert _checks.NO_WEIGHTS == code["kNone"]
-    assert _checks.KIND_CODES == {"quadratic": code["kQuadratic"], "l1": code["kL1"]}
+    assert _checks.FORM_CODES == {"quadratic": code["kQuadratic"], "l1": code["kL1"]}
     assert _checks.GRAD_MODES == {"value": code["kValueOnly"], "accumulate": code["kAccumulate"], "store": code["kStore"]}
 
 
@@ -44,34 +51,20 @@ def test_extension_is_built():
     assert cpp.unavailable_reason("meta") is not None
 
 
-make = make_inputs
+@needs_ext
+@pytest.mark.parametrize("dtype, tol", KERNEL_TOLERANCES, ids=param_id)
+@pytest.mark.parametrize("storage, weighted, form, store", PENALTY_GRID)
+def test_kernel_matches_float64(dtype, tol, storage, weighted, form, store):
+    check_penalty_kernel(cpp.penalty, ODD_SIZES, dtype, tol, storage, weighted, form, store)
 
 
 @needs_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("weighted", [True, False])
-@pytest.mark.parametrize("kind", ["quadratic", "l1"])
-@pytest.mark.parametrize("store", [False, True])
-def test_kernel_matches_float64(dtype, storage, weighted, kind, store):
-    params, anchors, weights, start = make(ODD_SIZES, dtype, storage, weighted, seed_of(dtype, storage, weighted, kind))
-    grads = [g.clone() for g in start]
-    if store:  # garbage (NaN) in: store mode must never read it
-        grads = [torch.full_like(g, float("nan")) for g in start]
-    value = cpp.penalty(params, anchors, weights, 0.37, kind, grads, store=store)
-    want_value, want_grads = expected(params, anchors, weights, 0.37, kind, start, store=store)
-    assert value.dtype == torch.float32 and value.dim() == 0
-    assert value.item() == pytest.approx(want_value, rel=1e-4)
-    assert_grads_close(grads, want_grads, dtype)
-
-
-@needs_ext
-@pytest.mark.parametrize("kind", ["quadratic", "l1"])
-def test_value_only_leaves_inputs_alone(kind):
-    params, anchors, weights, _ = make(ODD_SIZES[:3], torch.float32, torch.float32, True, seed=3)
+@pytest.mark.parametrize("form", ["quadratic", "l1"])
+def test_value_only_leaves_inputs_alone(form):
+    params, anchors, weights, _ = penalty_inputs(ODD_SIZES[:3], torch.float32, torch.float32, True, seed=3)
     before = [p.clone() for p in params]
-    value = cpp.penalty(params, anchors, weights, 2.0, kind, None)
-    assert value.item() == pytest.approx(expected(params, anchors, weights, 2.0, kind, None)[0], rel=1e-4)
+    value = cpp.penalty(params, anchors, weights, 2.0, form, None)
+    assert_penalty_matches(value, None, params, anchors, weights, 2.0, form, None)
     assert all(torch.equal(p, b) for p, b in zip(params, before))
 
 
@@ -96,36 +89,30 @@ def test_low_precision_rounding_matches_torch(dtype):
 def test_many_tensors_one_call():
     g = torch.Generator().manual_seed(5)
     shapes = [(int(n),) for n in torch.randint(1, 3000, (300,), generator=g)] + [(70000,), (3, 5, 7)]
-    params, anchors, weights, start = make(shapes, torch.float32, torch.bfloat16, True, seed=6)
+    params, anchors, weights, start = penalty_inputs(shapes, torch.float32, torch.bfloat16, True, seed=6)
     grads = [s.clone() for s in start]
     value = cpp.penalty(params, anchors, weights, 0.5, "quadratic", grads)
-    want_value, want_grads = expected(params, anchors, weights, 0.5, "quadratic", start)
-    assert value.item() == pytest.approx(want_value, rel=1e-4)
-    assert_grads_close(grads, want_grads, torch.float32)
+    assert_penalty_matches(value, grads, params, anchors, weights, 0.5, "quadratic", start)
 
 
 @needs_ext
-@pytest.mark.parametrize("kind", ["quadratic", "l1"])
+@pytest.mark.parametrize("form", ["quadratic", "l1"])
 @pytest.mark.parametrize("store", [False, True])
-def test_value_is_bitwise_independent_of_thread_count(kind, store):
-    params, anchors, weights, start = make([(150001,), (3,), (65536,), (131073,)], torch.float32, torch.float32, True, seed=8)
-    saved = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            grads = [s.clone() for s in start]
-            results.append((cpp.penalty(params, anchors, weights, 0.9, kind, grads, store=store), grads))
-    finally:
-        torch.set_num_threads(saved)
-    (v1, g1), (v2, g2) = results
+def test_value_is_bitwise_independent_of_thread_count(form, store):
+    params, anchors, weights, start = penalty_inputs([(150001,), (3,), (65536,), (131073,)], torch.float32, torch.float32, True, seed=8)
+
+    def run():
+        grads = [s.clone() for s in start]
+        return cpp.penalty(params, anchors, weights, 0.9, form, grads, store=store), grads
+
+    (v1, g1), (v2, g2) = at_thread_counts(run)
     assert torch.equal(v1, v2)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
 @needs_ext
-@pytest.mark.parametrize("kind", ["quadratic", "l1"])
-def test_public_op_with_strided_params(kind):
+@pytest.mark.parametrize("form", ["quadratic", "l1"])
+def test_public_op_with_strided_params(form):
     """Contiguous tensors go to the kernel, strided ones to the reference path; the sum is checked."""
     g = torch.Generator().manual_seed(9)
     params = [torch.randn(33, 17, generator=g).t(), torch.randn(1001, generator=g), torch.randn(64, 64, generator=g)[:, ::2], torch.randn(5, generator=g)]
@@ -134,22 +121,18 @@ def test_public_op_with_strided_params(kind):
     start = [torch.randn(p.shape, generator=g) for p in params]
     grads = [s.clone() for s in start]
     with use_backend("cpp"):
-        value = penalty(params, anchors, weights, scale=1.3, kind=kind, grads=grads)
-    want_value, want_grads = expected(params, anchors, weights, 1.3, kind, start)
-    assert value.item() == pytest.approx(want_value, rel=1e-4)
-    assert_grads_close(grads, want_grads, torch.float32)
+        value = penalty(params, anchors, weights, scale=1.3, form=form, grads=grads)
+    assert_penalty_matches(value, grads, params, anchors, weights, 1.3, form, start)
 
 
 @needs_ext
 def test_public_op_mixed_storage_dtypes_and_unweighted():
-    params, anchors, _, start = make([(7,), (65537,), (12, 11)], torch.bfloat16, torch.float32, False, seed=10)
+    params, anchors, _, start = penalty_inputs([(7,), (65537,), (12, 11)], torch.bfloat16, torch.float32, False, seed=10)
     anchors[1] = anchors[1].to(torch.bfloat16)  # its own kernel call
     grads = [s.clone() for s in start]
     with use_backend("cpp"):
-        value = penalty(params, anchors, None, scale=0.25, kind="quadratic", grads=grads)
-    want_value, want_grads = expected(params, anchors, None, 0.25, "quadratic", start)
-    assert value.item() == pytest.approx(want_value, rel=1e-4)
-    assert_grads_close(grads, want_grads, torch.bfloat16)
+        value = penalty(params, anchors, None, scale=0.25, form="quadratic", grads=grads)
+    assert_penalty_matches(value, grads, params, anchors, None, 0.25, "quadratic", start)
 
 
 @needs_ext
@@ -157,24 +140,22 @@ def test_empty_lists_and_empty_tensors():
     with use_backend("cpp"):
         assert penalty([], [], None).item() == 0.0
         p, a = torch.randn(0), torch.randn(0)
-        assert penalty([p, torch.ones(3)], [a, torch.zeros(3)], None, kind="l1").item() == pytest.approx(3.0)
+        assert penalty([p, torch.ones(3)], [a, torch.zeros(3)], None, form="l1").item() == pytest.approx(3.0)
     assert cpp.penalty([], [], None, 1.0, "quadratic", None).item() == 0.0
 
 
 @needs_ext
 def test_float64_storage_goes_to_the_torch_backend():
     """The kernel refuses float64 anchors; the op sends them to the reference, and a forced cpp says why not."""
-    params, anchors, weights, start = make([(9,), (70000,)], torch.float32, torch.float64, True, seed=12)
+    params, anchors, weights, start = penalty_inputs([(9,), (70000,)], torch.float32, torch.float64, True, seed=12)
     grads = [s.clone() for s in start]
     with pytest.raises(TypeError, match="anchors"):
         cpp.penalty(params, anchors, weights, 0.8, "l1", grads)
     with use_backend("cpp"), pytest.raises(BackendUnavailableError, match="float64"):
-        penalty(params, anchors, weights, scale=0.8, kind="l1", grads=grads)
+        penalty(params, anchors, weights, scale=0.8, form="l1", grads=grads)
     assert all(torch.equal(g, s) for g, s in zip(grads, start))
-    value = penalty(params, anchors, weights, scale=0.8, kind="l1", grads=grads)
-    want_value, want_grads = expected(params, anchors, weights, 0.8, "l1", start)
-    assert value.item() == pytest.approx(want_value, rel=1e-4)
-    assert_grads_close(grads, want_grads, torch.float32)
+    value = penalty(params, anchors, weights, scale=0.8, form="l1", grads=grads)
+    assert_penalty_matches(value, grads, params, anchors, weights, 0.8, "l1", start)
 
 
 @needs_ext
@@ -186,7 +167,7 @@ def test_rejects_bad_arguments():
         cpp.penalty([p], [a], None, 1.0, "quadratic", [torch.zeros(4, 4, dtype=torch.float16)])
     with pytest.raises(ValueError, match="shape"):
         cpp.penalty([p], [torch.randn(16)], None, 1.0, "quadratic", None)
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError, match="form"):
         cpp.penalty([p], [a], None, 1.0, "huber", None)
     with pytest.raises(TypeError, match="params"):
         cpp.penalty([p.double()], [a], None, 1.0, "quadratic", None)

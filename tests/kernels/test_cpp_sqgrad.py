@@ -9,14 +9,10 @@ import torch
 
 from fastcl.kernels import cpp
 from fastcl.ops import sqgrad, use_backend
+from fastcl.testing import KERNEL_TOLERANCES, at_thread_counts, param_id, sqgrad_oracle
 
 needs_ext = pytest.mark.skipif(cpp._C is None, reason=f"fastcl._C not built: {cpp.BUILD_ERROR}")
 ISA_NAMES = ("baseline", "avx2", "avx512")
-
-
-def oracle(x, g, power):
-    per_sample = torch.einsum("bto,bti->boi", g.double(), x.double())
-    return per_sample.square().sum(0) if power == 2 else per_sample.abs().sum(0)
 
 
 def _inputs(shape, dtype, layout, seed):
@@ -37,9 +33,9 @@ SHAPES = [(1, 1, 1, 1), (3, 5, 7, 4), (2, 9, 33, 13), (4, 32, 64, 96), (5, 3, 17
 
 @needs_ext
 @pytest.mark.parametrize("isa", range(len(ISA_NAMES)))
-@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)])
+@pytest.mark.parametrize("dtype, tol", KERNEL_TOLERANCES, ids=param_id)
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
-def test_every_variant_matches_float64(isa, dtype, rtol, layout):
+def test_every_variant_matches_float64(isa, dtype, tol, layout):
     """Inputs are rounded to ``dtype`` first; the kernel accumulates in float32 (tolerance: float32 sums)."""
     if isa > ISA_NAMES.index(cpp._C.distill_isa()):
         pytest.skip(f"this CPU cannot run the {ISA_NAMES[isa]} variant")
@@ -48,23 +44,20 @@ def test_every_variant_matches_float64(isa, dtype, rtol, layout):
         for power in (1, 2):
             out = torch.full((shape[3], shape[2]), 0.5)
             cpp.sqgrad(x, g, out, power, isa=isa)
-            expected = 0.5 + oracle(x, g, power)
-            torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=1e-6, msg=lambda m: f"{shape} p={power}: {m}")
+            expected = 0.5 + sqgrad_oracle(x, g, power)
+            torch.testing.assert_close(out.double(), expected, rtol=tol.sum.rtol, atol=tol.sum.atol, msg=lambda m: f"{shape} p={power}: {m}")
 
 
 @needs_ext
 def test_result_is_bitwise_identical_for_any_thread_count():
     x, g = _inputs((9, 40, 70, 50), torch.float32, "contiguous", seed=3)
-    previous = torch.get_num_threads()
-    outs = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            out = torch.zeros(50, 70)
-            cpp.sqgrad(x, g, out, 2)
-            outs.append(out)
-    finally:
-        torch.set_num_threads(previous)
+
+    def run():
+        out = torch.zeros(50, 70)
+        cpp.sqgrad(x, g, out, 2)
+        return out
+
+    outs = at_thread_counts(run, (1, 2, 3))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
@@ -73,7 +66,7 @@ def test_op_dispatches_to_the_kernel_and_keeps_float64_on_torch():
     x, g = _inputs((3, 4, 5, 6), torch.float32, "transposed", seed=4)
     with use_backend("cpp"):
         got = sqgrad(x, g)
-    torch.testing.assert_close(got.double(), oracle(x, g, 2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.double(), sqgrad_oracle(x, g, 2), rtol=1e-5, atol=1e-6)
     assert cpp.unsupported_reason("sqgrad", torch.float64) is not None
 
 

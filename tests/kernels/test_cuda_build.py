@@ -16,8 +16,16 @@ import pytest
 import torch
 
 from fastcl.kernels import cuda as cuda_backend
-
-from ._penalty_oracle import assert_grads_close, expected, make_inputs, seed_of
+from fastcl.testing import (
+    KERNEL_TOLERANCES,
+    PENALTY_GRID,
+    assert_grads_close,
+    assert_penalty_matches,
+    check_penalty_kernel,
+    param_id,
+    penalty_inputs,
+    penalty_oracle,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,7 +107,7 @@ def test_penalty_kernels_do_not_spill(cuda_build, arch):
     report = cuda_build[1]
     usage = re.findall(rf"entry function '(\w+)' for 'sm_{arch}'\n.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
                        r"(\d+) bytes spill loads", report, re.S)
-    assert len(usage) == 108 + 1, report[-2000:]  # θ 3 × anchor 2 × weight 3 × kind 2 × mode 3, and the reduction
+    assert len(usage) == 108 + 1, report[-2000:]  # θ 3 × anchor 2 × weight 3 × form 2 × mode 3, and the reduction
     assert [u for u in usage if u[1:] != ("0", "0", "0")] == []
 
 
@@ -132,25 +140,17 @@ def test_cuda_backend_reports_why_not_on_cpu():
 
 
 def make(shapes, dtype, storage, weighted, seed):
-    return make_inputs(shapes, dtype, storage, weighted, seed, device="cuda")
+    return penalty_inputs(shapes, dtype, storage, weighted, seed, device="cuda")
 
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("weighted", [True, False])
-@pytest.mark.parametrize("kind", ["quadratic", "l1"])
-@pytest.mark.parametrize("store", [False, True])
-def test_cuda_penalty_matches_float64(dtype, storage, weighted, kind, store):
+@pytest.mark.parametrize("dtype, tol", KERNEL_TOLERANCES, ids=param_id)
+@pytest.mark.parametrize("storage, weighted, form, store", PENALTY_GRID)
+def test_cuda_penalty_matches_float64(dtype, tol, storage, weighted, form, store):
     shapes = [(1,), (7,), (65537,), (200003,), (3, 5, 7)]
-    params, anchors, weights, start = make(shapes, dtype, storage, weighted, seed_of(dtype, storage, weighted, kind))
-    grads = [torch.full_like(g, float("nan")) for g in start] if store else [g.clone() for g in start]
-    value = cuda_backend.penalty(params, anchors, weights, 0.37, kind, grads, store=store)
-    want_value, want_grads = expected(params, anchors, weights, 0.37, kind, start, store=store)
-    assert value.device == params[0].device and value.dtype == torch.float32
-    assert value.item() == pytest.approx(want_value, rel=1e-4)
-    assert_grads_close(grads, want_grads, dtype)
+    value = check_penalty_kernel(cuda_backend.penalty, shapes, dtype, tol, storage, weighted, form, store, device="cuda")
+    assert value.device.type == "cuda"
 
 
 @needs_gpu
@@ -167,10 +167,8 @@ def test_cuda_penalty_many_tensors_unaligned_deterministic():
         grads = [s.clone() for s in start]
         results.append((cuda_backend.penalty(params, anchors, weights, 0.5, "quadratic", grads), grads))
     (v1, g1), (v2, g2) = results
-    want_value, want_grads = expected(params, anchors, weights, 0.5, "quadratic", start)
-    assert v1.item() == pytest.approx(want_value, rel=1e-4)
     assert torch.equal(v1, v2)
-    assert_grads_close(g1, want_grads, torch.bfloat16)
+    assert_penalty_matches(v1, g1, params, anchors, weights, 0.5, "quadratic", start)
 
 
 @needs_gpu
@@ -181,12 +179,10 @@ def test_public_op_uses_cuda_backend_and_autograd():
     params, anchors, weights, start = make([(33, 17), (1001,)], torch.bfloat16, torch.bfloat16, True, seed=6)
     grads = [s.clone() for s in start]
     with use_backend("cuda"):
-        value = penalty(params, anchors, weights, scale=1.5, kind="l1", grads=grads)
+        value = penalty(params, anchors, weights, scale=1.5, form="l1", grads=grads)
         leaves = [p.clone().requires_grad_() for p in params]
-        (2.0 * anchored_penalty(leaves, anchors, weights, scale=1.5, kind="l1")).backward()
-    want_value, want_grads = expected(params, anchors, weights, 1.5, "l1", start)
-    assert value.item() == pytest.approx(want_value, rel=1e-4)
-    assert_grads_close(grads, want_grads, torch.bfloat16)
+        (2.0 * anchored_penalty(leaves, anchors, weights, scale=1.5, form="l1")).backward()
+    assert_penalty_matches(value, grads, params, anchors, weights, 1.5, "l1", start)
     zero = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    assert_grads_close([p.grad for p in leaves], [2.0 * w for w in expected(params, anchors, weights, 1.5, "l1", zero)[1]],
-                       torch.bfloat16)
+    want = penalty_oracle(params, anchors, weights, 1.5, "l1", zero)[1]
+    assert_grads_close([p.grad for p in leaves], [2.0 * w for w in want], torch.bfloat16)

@@ -14,6 +14,7 @@ import fastcl  # noqa: E402
 import fastcl.ops as ops  # noqa: E402
 from fastcl.kernels import triton as kt  # noqa: E402
 from fastcl.kernels.triton import sqgrad as ksq  # noqa: E402
+from fastcl.testing import sqgrad_oracle  # noqa: E402
 
 DEVICE = torch.device("cpu" if kt.INTERPRETED else "cuda")
 
@@ -23,12 +24,6 @@ def make(B, T, I, O, dtype, seed=0):
     x = torch.randn(B, T, I, generator=gen).to(dtype).to(DEVICE)
     g = torch.randn(B, T, O, generator=gen).to(dtype).to(DEVICE)
     return x, g
-
-
-def expected(x, g, power):
-    """Σ_b |Σ_t g[b,t,o] x[b,t,i]|^p in float64, from the (already rounded) inputs."""
-    per_sample = torch.einsum("bto,bti->boi", g.double(), x.double())
-    return (per_sample.abs() ** power).sum(0)
 
 
 def assert_close(got, want):
@@ -46,7 +41,7 @@ def test_kernel_matches_formula(dtype, T, power):
     out = start.clone()
     result = kt.OPS["sqgrad"](x, g, out, power)
     assert result is None or result is out
-    assert_close(out, start.double() + expected(x, g, power))
+    assert_close(out, start.double() + sqgrad_oracle(x, g, power))
 
 
 @pytest.mark.parametrize("splits, power", [(1, 2), (2, 1), (3, 2)])
@@ -58,7 +53,7 @@ def test_several_tiles_slices_and_sample_groups(monkeypatch, splits, power):
     x, g = make(5, 37, 17, 33, torch.float32, seed=splits)
     out = torch.full((33, 17), 0.5, device=DEVICE)
     ksq.sqgrad(x, g, out, power, batch_splits=splits)
-    assert_close(out, 0.5 + expected(x, g, power))
+    assert_close(out, 0.5 + sqgrad_oracle(x, g, power))
 
 
 @pytest.mark.parametrize("shape, tiles", [
@@ -79,7 +74,7 @@ def test_small_tiles_over_several_slices_and_samples(dtype):
     assert ksq.plan(x, g, torch.zeros(16, 9, device=DEVICE), 2)[0].options["BLOCK_O"] == 16
     out = torch.full((16, 9), 0.25, device=DEVICE)
     kt.OPS["sqgrad"](x, g, out, 2)
-    assert_close(out, 0.25 + expected(x, g, 2))
+    assert_close(out, 0.25 + sqgrad_oracle(x, g, 2))
 
 
 # fp32 inputs multiply on tensor cores as tf32x3: a = a_hi + a_lo (both TF32, 10-bit
@@ -112,7 +107,7 @@ def _sqgrad_emulated(x, g, split: bool):
 
 def _tc_error(got, x, g):
     bound = (torch.einsum("bto,bti->boi", g.double().abs(), x.double().abs()) ** 2).sum(0)
-    return ((got.double() - expected(x, g, 2)).abs() / bound).max().item()
+    return ((got.double() - sqgrad_oracle(x, g, 2)).abs() / bound).max().item()
 
 
 def test_tf32x3_error_bound_is_documented_correctly():
@@ -138,7 +133,7 @@ def test_single_feature_and_output():
     x, g = make(4, 3, 1, 1, torch.float32, seed=9)
     out = torch.zeros(1, 1, device=DEVICE)
     kt.OPS["sqgrad"](x, g, out, 2)
-    assert_close(out, expected(x, g, 2))
+    assert_close(out, sqgrad_oracle(x, g, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -151,9 +146,9 @@ def test_public_op_with_strided_inputs(dtype, T):
     assert not x.is_contiguous()
     out = torch.ones(13, 11, device=DEVICE)
     with fastcl.use_backend("triton"):
-        assert ops.resolve("sqgrad", DEVICE, dtype)[0] == "triton"
-        ops.sqgrad(x, g, out, power=2)
-    assert_close(out, 1.0 + expected(x, g, 2))
+        assert ops.choose_backend("sqgrad", DEVICE, dtype)[0] == "triton"
+        ops.sqgrad(x, g, out, norm="squared")
+    assert_close(out, 1.0 + sqgrad_oracle(x, g, 2))
 
 
 def test_deterministic():

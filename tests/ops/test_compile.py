@@ -1,10 +1,7 @@
 """The ops compose with torch.compile (custom ops with fake implementations)."""
-import pytest
 import torch
 
 from fastcl.ops import anchored_penalty, distillation_loss, penalty, sqgrad
-
-pytestmark = pytest.mark.skipif(not hasattr(torch.library, "custom_op"), reason="torch.library.custom_op needs torch >= 2.4")
 
 
 def test_compiled_training_step_matches_eager():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastcl.ops import BackendUnavailableError, backend_info, penalty, resolve, use_backend
+from fastcl.ops import BackendUnavailableError, backend_info, backend_status, choose_backend, op_backends, penalty, use_backend
 
 
 def test_backend_info_names_every_op():
@@ -20,13 +20,16 @@ def test_forced_backend_that_cannot_run_raises(monkeypatch):
     monkeypatch.setenv("FASTCL_BACKEND", "cuda")
     with pytest.raises(BackendUnavailableError, match="FASTCL_BACKEND=cuda cannot run penalty on cpu"):
         penalty([torch.ones(3)], [torch.zeros(3)])
-    assert backend_info("cpu")["penalty"].startswith("unavailable")
+    status = op_backends("cpu")["penalty"]
+    assert (status.name, status.available) == ("cuda", False)
+    assert "FASTCL_BACKEND=cuda cannot run penalty on cpu" in status.reason
+    assert backend_info("cpu")["penalty"] == f"unavailable: {status.reason}"
 
 
 def test_unknown_backend_name(monkeypatch):
     monkeypatch.setenv("FASTCL_BACKEND", "fortran")
     with pytest.raises(ValueError, match="fortran"):
-        resolve("penalty", "cpu")
+        choose_backend("penalty", "cpu")
     with pytest.raises(ValueError):
         with use_backend("fortran"):
             pass
@@ -35,4 +38,19 @@ def test_unknown_backend_name(monkeypatch):
 def test_use_backend_overrides_env(monkeypatch):
     monkeypatch.setenv("FASTCL_BACKEND", "cuda")
     with use_backend("torch"):
-        assert resolve("distill", "cpu")[0] == "torch"
+        assert choose_backend("distill", "cpu")[0] == "torch"
+
+
+def test_op_backends_agree_with_the_choice():
+    for op, status in op_backends("cpu").items():
+        assert status.available and status.reason is None
+        assert status.name == choose_backend(op, "cpu")[0] == backend_info("cpu")[op]
+
+
+def test_backend_status_names_every_backend():
+    status = backend_status("cpu")
+    assert set(status) == {"cuda", "triton", "cpp", "torch"}
+    assert status["torch"].available and status["torch"].reason is None
+    assert not status["cuda"].available and status["cuda"].reason
+    for name, s in status.items():
+        assert s.name == name

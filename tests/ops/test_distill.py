@@ -10,15 +10,15 @@ from hypothesis import strategies as st
 import fastcl
 import fastcl.ops.distill as distill_mod
 from fastcl.ops import _dispatch, distill_reference, distillation_loss, fused_linear_distillation, use_backend
-from tests.ops._distill_cases import (
-    DTYPES,
-    KERNEL_DTYPES,
-    Tol,
-    assert_matches_oracle,
+from fastcl.testing import (
+    KERNEL_TOLERANCES,
+    TOLERANCES,
+    assert_distill_matches,
     assert_nonfinite_contract,
+    distill_oracle,
     logits,
     nonfinite_case,
-    oracle,
+    param_id,
 )
 
 # Triton's interpreter (numpy) warns on the NaN and inf it is given on purpose here.
@@ -43,10 +43,10 @@ def kernel(backend):
 
 
 def backend_tol(backend, dtype, tol):
-    """Triton's interpreter converts float32 to bfloat16 by truncation (compiled Triton rounds to
-    nearest even, as the other backends do): one bfloat16 ulp of gradient error instead of half."""
-    if backend == "triton" and dtype == torch.bfloat16 and getattr(_dispatch._load("triton")[0], "INTERPRETED", False):
-        return Tol(tol.loss, (2**-7, *tol.grad[1:]))
+    """Triton's interpreter converts float32 to bfloat16 and float16 by truncation (compiled Triton
+    rounds to nearest even, as the other backends do): one ulp of gradient error instead of half."""
+    if backend == "triton" and getattr(_dispatch._load("triton")[0], "INTERPRETED", False):
+        return tol.truncating()
     return tol
 
 
@@ -81,7 +81,7 @@ def test_reference_matches_kl_div_and_hand_formula():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("dtype, tol", TOLERANCES, ids=param_id)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (9, 300), (2, 2111)])
 def test_backend_matches_oracle(backend, dtype, tol, shape):
     if not runs(backend, dtype):
@@ -89,11 +89,11 @@ def test_backend_matches_oracle(backend, dtype, tol, shape):
     student, teacher = logits(*shape, dtype, seed=sum(shape))
     mask = torch.arange(shape[0]) % 3 != 1
     row_loss, grad = kernel(backend)(student, teacher, 1.7, mask, 1.0 / shape[0])
-    assert_matches_oracle(row_loss, grad, student, teacher, 1.7, backend_tol(backend, dtype, tol), mask, 1.0 / shape[0])
+    assert_distill_matches(row_loss, grad, student, teacher, 1.7, backend_tol(backend, dtype, tol), mask, 1.0 / shape[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("dtype, tol", TOLERANCES, ids=param_id)
 def test_backend_nonfinite_contract(backend, dtype, tol):
     """NaN / +inf / −inf in teacher and student: the same outcome on every backend, and the oracle's values."""
     if not runs(backend, dtype):
@@ -101,7 +101,7 @@ def test_backend_nonfinite_contract(backend, dtype, tol):
     student, teacher, mask, expect = nonfinite_case(dtype)
     row_loss, grad = kernel(backend)(student, teacher, 2.0, mask, 0.5)
     assert_nonfinite_contract(row_loss, grad, expect)
-    assert_matches_oracle(row_loss, grad, student, teacher, 2.0, backend_tol(backend, dtype, tol), mask, 0.5)
+    assert_distill_matches(row_loss, grad, student, teacher, 2.0, backend_tol(backend, dtype, tol), mask, 0.5)
 
 
 def test_torch_backend_chunks_rows():
@@ -128,7 +128,7 @@ def test_loss_and_grad_match_oracle(backend, reduction, upstream):
     mask = torch.rand(2, 5, generator=torch.Generator().manual_seed(1)) > 0.3
     with use_backend(backend):
         loss = distillation_loss(student, teacher, 1.5, reduction=reduction, mask=mask)
-    rows, grad = oracle(student.detach().reshape(10, 37), teacher.reshape(10, 37), 1.5, mask.reshape(10))
+    rows, grad = distill_oracle(student.detach().reshape(10, 37), teacher.reshape(10, 37), 1.5, mask.reshape(10))
     go = upstream * (torch.linspace(0.5, 1.5, 10).reshape(2, 5) if reduction == "none" else torch.tensor(1.0))
     loss.backward(go)
     if reduction == "none":
@@ -143,7 +143,7 @@ def test_loss_and_grad_match_oracle(backend, reduction, upstream):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_nonfinite_public(backend):
-    """Through distillation_loss: NaN rows make the loss and their gradient NaN (issue 14.1)."""
+    """Through distillation_loss: NaN rows make the loss and their gradient NaN."""
     student, teacher, mask, expect = nonfinite_case(torch.float32)
     student.requires_grad_()
     with use_backend(backend):
@@ -155,7 +155,7 @@ def test_loss_nonfinite_public(backend):
     keep = torch.tensor([kind == "finite" for kind in expect])  # the −inf rows that stay finite
     with use_backend(backend):
         value = distillation_loss(student.detach()[keep], teacher[keep], 2.0)
-    torch.testing.assert_close(value.double(), oracle(student.detach()[keep], teacher[keep], 2.0)[0].mean())
+    torch.testing.assert_close(value.double(), distill_oracle(student.detach()[keep], teacher[keep], 2.0)[0].mean())
 
 
 def test_batchmean_grad_is_the_kernels_buffer():
@@ -169,14 +169,14 @@ def test_batchmean_grad_is_the_kernels_buffer():
 
     student, teacher = logits(4, 9, torch.float32, seed=2)
     student.requires_grad_()
-    original = distill_mod.resolve
-    distill_mod.resolve = lambda op, device, dtype: ("recording", recording)
+    original = distill_mod.choose_backend
+    distill_mod.choose_backend = lambda op, device, dtype: ("recording", recording)
     try:
         distillation_loss(student, teacher, 2.0).backward()
     finally:
-        distill_mod.resolve = original
+        distill_mod.choose_backend = original
     assert student.grad.data_ptr() == made[0].data_ptr()
-    torch.testing.assert_close(student.grad.double(), oracle(student.detach(), teacher, 2.0, grad_scale=0.25)[1])
+    torch.testing.assert_close(student.grad.double(), distill_oracle(student.detach(), teacher, 2.0, grad_scale=0.25)[1])
 
 
 def test_count_from_a_device_mask(monkeypatch):
@@ -187,7 +187,7 @@ def test_count_from_a_device_mask(monkeypatch):
     mask = torch.tensor([True, False, True, True, False, True])
     loss = distillation_loss(student, teacher, 2.0, mask=mask)
     loss.backward(torch.tensor(3.0))
-    rows, grad = oracle(student.detach(), teacher, 2.0, mask)
+    rows, grad = distill_oracle(student.detach(), teacher, 2.0, mask)
     torch.testing.assert_close(loss.double(), rows.sum() / 4, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(student.grad.double(), grad * 3.0 / 4, rtol=1e-5, atol=1e-7)
 
@@ -198,7 +198,7 @@ def test_non_contiguous_and_mixed_dtypes():
     t = torch.randn(4, 5, generator=gen, dtype=torch.float64).t()
     loss = distillation_loss(s, t, 1.5)
     loss.backward()
-    rows, grad = oracle(s.detach(), t, 1.5)
+    rows, grad = distill_oracle(s.detach(), t, 1.5)
     torch.testing.assert_close(loss, rows.mean())
     torch.testing.assert_close(s.grad, grad / 5)
     # A float32 teacher is not rounded to a bfloat16 student: the loss is float32-accurate.
@@ -206,7 +206,7 @@ def test_non_contiguous_and_mixed_dtypes():
     t32 = 3 * torch.randn(3, 50, generator=gen)
     loss = distillation_loss(s16, t32, 2.0)
     loss.backward()
-    rows, grad = oracle(s16.detach(), t32, 2.0)
+    rows, grad = distill_oracle(s16.detach(), t32, 2.0)
     assert s16.grad.dtype == torch.bfloat16
     torch.testing.assert_close(loss.double(), rows.mean(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s16.grad.double(), grad / 3, rtol=2**-8, atol=1e-7)
@@ -256,7 +256,7 @@ def test_lwf_penalty_nonfinite_teacher():
 @given(
     rows=st.integers(1, 6),
     vocab=st.integers(1, 70),
-    dtype_index=st.integers(0, len(DTYPES) - 1),
+    dtype_index=st.integers(0, len(TOLERANCES) - 1),
     temperature=st.floats(0.25, 8.0),
     transposed=st.booleans(),
     masked=st.booleans(),
@@ -265,7 +265,7 @@ def test_lwf_penalty_nonfinite_teacher():
 )
 def test_property_any_shape_stride_dtype(rows, vocab, dtype_index, temperature, transposed, masked, reduction, seed):
     """distillation_loss on the default backend vs the float64 oracle over shapes, strides and dtypes."""
-    dtype, tol = DTYPES[dtype_index].values
+    dtype, tol = TOLERANCES[dtype_index]
     gen = torch.Generator().manual_seed(seed)
     if transposed:  # [rows, vocab] views of [vocab, rows] storage
         s = (3 * torch.randn(vocab, rows, generator=gen)).to(dtype).t()
@@ -276,16 +276,14 @@ def test_property_any_shape_stride_dtype(rows, vocab, dtype_index, temperature, 
     mask = (torch.rand(rows, generator=gen) > 0.3) if masked else None
     loss = distillation_loss(s, t, temperature, reduction=reduction, mask=mask)
     loss.sum().backward()
-    want_rows, want_grad = oracle(s.detach(), t, temperature, mask)
+    want_rows, want_grad = distill_oracle(s.detach(), t, temperature, mask)
     if reduction == "none":
         want = want_rows
     else:
         count = (rows if mask is None else max(int(mask.sum()), 1)) if reduction == "batchmean" else 1
         want, want_grad = want_rows.sum() / count, want_grad / count
-    rtol, atol = tol.loss
-    torch.testing.assert_close(loss.double(), want, rtol=rtol, atol=atol * temperature**2 * rows)
-    rtol, atol, floor = tol.grad
-    torch.testing.assert_close(s.grad.double(), want_grad, rtol=rtol, atol=atol * temperature + floor)
+    torch.testing.assert_close(loss.double(), want, rtol=tol.loss.rtol, atol=tol.loss.atol * temperature**2 * rows)
+    torch.testing.assert_close(s.grad.double(), want_grad, rtol=tol.grad.rtol, atol=tol.grad.atol * temperature + tol.floor)
 
 
 def test_inductor_compiles_training_step():
@@ -441,9 +439,9 @@ def test_bad_input_names_the_parameter(call, error, name):
         call()
 
 
-@pytest.mark.parametrize("dtype,tol", KERNEL_DTYPES)
+@pytest.mark.parametrize("dtype, tol", KERNEL_TOLERANCES, ids=param_id)
 def test_default_backend_matches_oracle(dtype, tol):
     """Whatever backend the dispatcher picks on this machine."""
     student, teacher = logits(7, 513, dtype, seed=9)
-    row_loss, grad = _dispatch.resolve("distill", "cpu", dtype)[1](student, teacher, 3.0, None, 0.125)
-    assert_matches_oracle(row_loss, grad, student, teacher, 3.0, tol, None, 0.125)
+    row_loss, grad = _dispatch.choose_backend("distill", "cpu", dtype)[1](student, teacher, 3.0, None, 0.125)
+    assert_distill_matches(row_loss, grad, student, teacher, 3.0, tol, None, 0.125)

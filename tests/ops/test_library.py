@@ -10,8 +10,6 @@ import torch
 from fastcl.ops import anchored_penalty, penalty
 from fastcl.ops._library import REGISTERED
 
-pytestmark = pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck needs torch >= 2.4")
-
 
 def penalty_args(weighted=True, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -67,7 +65,7 @@ def test_inductor_compiles_penalty_code():
         return task + anchored_penalty(params, anchors, weights, scale=0.5) + penalty(params, anchors, None, scale=0.1)
 
     def fused(params, grads):
-        return penalty(params, anchors, weights, scale=2.0, kind="l1", grads=grads)
+        return penalty(params, anchors, weights, scale=2.0, form="l1", grads=grads)
 
     eager = loss_fn(params)
     eager_grads = torch.autograd.grad(eager, params)

@@ -14,8 +14,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastcl.ops import anchored_penalty, backend_info, penalty, use_backend
-from tests.kernels._penalty_oracle import GRAD_TOL, VALUE_RTOL, assert_grads_close, expected, make_inputs, seed_of
+from fastcl.ops import anchored_penalty, op_backends, penalty, use_backend
+from fastcl.testing import (
+    TOL,
+    assert_grads_close,
+    assert_penalty_matches,
+    at_thread_counts,
+    penalty_inputs,
+    penalty_oracle,
+    seed_of,
+)
 
 penalty_module = importlib.import_module("fastcl.ops.penalty")
 
@@ -29,7 +37,7 @@ def backends():
         if name == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
             continue
         with use_backend(name):
-            if not backend_info("cpu")["penalty"].startswith("unavailable"):
+            if op_backends("cpu")["penalty"].available:
                 out.append(name)
     return out
 
@@ -44,39 +52,33 @@ CASES = [  # (θ dtype, a/w dtype)
 ]
 
 
-def run_case(backend, dtype, storage, kind, weighted, store, shapes=SIZES, scale=0.37):
+def run_case(backend, dtype, storage, form, weighted, store, shapes=SIZES, scale=0.37):
     if backend != "torch" and dtype == torch.float64:
         pytest.skip("float64 runs on the torch backend only")
-    params, anchors, weights, start = make_inputs(shapes, dtype, storage, weighted, seed_of(backend, dtype, kind, weighted))
+    params, anchors, weights, start = penalty_inputs(shapes, dtype, storage, weighted, seed_of(backend, dtype, form, weighted))
     grads = [torch.full_like(g, float("nan")) for g in start] if store else [g.clone() for g in start]
     with use_backend(backend):
-        value = penalty(params, anchors, weights, scale=scale, kind=kind, grads=grads, store=store)
-    want_value, want_grads = expected(params, anchors, weights, scale, kind, start, store=store)
-    assert value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert value.item() == pytest.approx(want_value, rel=VALUE_RTOL[dtype])
-    if backend == "triton" and dtype == torch.bfloat16:  # Triton's CPU interpreter truncates float32 -> bfloat16
-        for g, w in zip(grads, want_grads):
-            torch.testing.assert_close(g.double(), w, rtol=2**-7, atol=1e-6)
-        return
-    assert_grads_close(grads, want_grads, dtype)
+        value = penalty(params, anchors, weights, scale=scale, form=form, grads=grads, store=store)
+    tol = TOL[dtype].truncating() if backend == "triton" else TOL[dtype]  # Triton's CPU interpreter truncates
+    assert_penalty_matches(value, grads, params, anchors, weights, scale, form, start, store=store, tol=tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,storage", CASES)
-@pytest.mark.parametrize("kind", ["quadratic", "l1"])
+@pytest.mark.parametrize("form", ["quadratic", "l1"])
 @pytest.mark.parametrize("store", [False, True])
-def test_value_and_grads_every_backend(backend, dtype, storage, kind, store):
+def test_value_and_grads_every_backend(backend, dtype, storage, form, store):
     if backend == "triton" and storage == torch.float64:
         pytest.skip("float64 anchors run on the torch backend")
-    run_case(backend, dtype, storage, kind, weighted=(kind == "quadratic"), store=store,
+    run_case(backend, dtype, storage, form, weighted=(form == "quadratic"), store=store,
              shapes=[(1,), (7,), (3, 5), (40,)] if backend == "triton" else SIZES)
 
 
 @pytest.mark.parametrize("weighted", [True, False])
 def test_value_only_and_unweighted(weighted):
-    params, anchors, weights, _ = make_inputs(SIZES, torch.float32, torch.float32, weighted, seed=4)
+    params, anchors, weights, _ = penalty_inputs(SIZES, torch.float32, torch.float32, weighted, seed=4)
     value = penalty(params, anchors, weights, scale=2.0)
-    assert value.item() == pytest.approx(expected(params, anchors, weights, 2.0, "quadratic", None)[0], rel=1e-5)
+    assert value.item() == pytest.approx(penalty_oracle(params, anchors, weights, 2.0, "quadratic", None)[0], rel=1e-5)
 
 
 def test_non_contiguous_and_empty_tensors():
@@ -90,7 +92,7 @@ def test_non_contiguous_and_empty_tensors():
         grads = [s.clone() if not store else torch.full_like(s, float("nan")) for s in start]
         grads[0] = torch.zeros(9, 14, dtype=torch.float64)[:, 1::2].copy_(grads[0])  # a strided view, as given
         value = penalty(params, anchors, weights, scale=2.0, grads=grads, store=store)
-        exp_value, exp_grads = expected(params, anchors, weights, 2.0, "quadratic", start, store=store)
+        exp_value, exp_grads = penalty_oracle(params, anchors, weights, 2.0, "quadratic", start, store=store)
         assert value.item() == pytest.approx(exp_value, rel=1e-12)
         for got, exp in zip(grads, exp_grads):
             torch.testing.assert_close(got, exp)
@@ -114,21 +116,15 @@ def test_channels_last_runs_the_kernel_bitwise_across_threads(monkeypatch, store
     params, anchors, weights, start = channels_last_set()
     assert not params[0].is_contiguous()
     monkeypatch.setattr(penalty_module, "penalty_reference", lambda *a, **k: pytest.fail("took the strided path"))
-    saved = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            grads = [s.clone() for s in start]
-            results.append((penalty(params, anchors, weights, scale=0.7, grads=grads, store=store), grads))
-    finally:
-        torch.set_num_threads(saved)
-    (v1, g1), (v2, g2) = results
+
+    def run():
+        grads = [s.clone() for s in start]
+        return penalty(params, anchors, weights, scale=0.7, grads=grads, store=store), grads
+
+    (v1, g1), (v2, g2) = at_thread_counts(run)
     assert torch.equal(v1, v2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
     assert all(g.stride() == p.stride() for g, p in zip(g1, params))
-    want_value, want_grads = expected(params, anchors, weights, 0.7, "quadratic", start, store=store)
-    assert v1.item() == pytest.approx(want_value, rel=1e-5)
-    assert_grads_close(g1, want_grads, torch.float32)
+    assert_penalty_matches(v1, g1, params, anchors, weights, 0.7, "quadratic", start, store=store)
 
 
 def test_mixed_layouts_take_the_reference_path():
@@ -137,15 +133,13 @@ def test_mixed_layouts_take_the_reference_path():
     anchors[0] = anchors[0].contiguous()
     grads = [s.clone() for s in start]
     value = penalty(params, anchors, weights, scale=0.7, grads=grads)
-    want_value, want_grads = expected(params, anchors, weights, 0.7, "quadratic", start)
-    assert value.item() == pytest.approx(want_value, rel=1e-5)
-    assert_grads_close(grads, want_grads, torch.float32)
+    assert_penalty_matches(value, grads, params, anchors, weights, 0.7, "quadratic", start)
 
 
 # ----------------------------------------------------------------------------- the op's guarantees
 
 def small_set(seed=0, n=3):
-    return make_inputs([(4, 3)] * n, torch.float32, torch.float32, True, seed)
+    return penalty_inputs([(4, 3)] * n, torch.float32, torch.float32, True, seed)
 
 
 def test_version_counters_are_bumped():
@@ -194,7 +188,7 @@ def test_interleaved_views_of_one_buffer_are_not_aliases():
     buffer = torch.zeros(4, 6)
     grads = [buffer[:, 0::2], buffer[:, 1::2]]
     penalty(params, anchors, weights, scale=1.5, grads=grads)
-    want = expected(params, anchors, weights, 1.5, "quadratic", [torch.zeros(4, 3)] * 2)[1]
+    want = penalty_oracle(params, anchors, weights, 1.5, "quadratic", [torch.zeros(4, 3)] * 2)[1]
     assert_grads_close(grads, want, torch.float32)
 
 
@@ -245,7 +239,7 @@ def test_validation_cache_never_accepts_a_changed_list():
     start = g[0].clone()
     g[0].t_()
     penalty(p, a, w, scale=2.0, grads=g)
-    assert_grads_close(g, expected(p, a, w, 2.0, "quadratic", [start.t()])[1], torch.float32)
+    assert_grads_close(g, penalty_oracle(p, a, w, 2.0, "quadratic", [start.t()])[1], torch.float32)
 
 
 def test_cache_sees_new_values_and_new_tensors_at_old_addresses():
@@ -255,9 +249,7 @@ def test_cache_sees_new_values_and_new_tensors_at_old_addresses():
             params[0].add_(1.0)
         start = [g.clone() for g in grads]
         value = penalty(params, anchors, weights, grads=grads)
-        want_value, want_grads = expected(params, anchors, weights, 1.0, "quadratic", start)
-        assert value.item() == pytest.approx(want_value, rel=1e-5)
-        assert_grads_close(grads, want_grads, torch.float32)
+        assert_penalty_matches(value, grads, params, anchors, weights, 1.0, "quadratic", start)
 
 
 def test_one_tensor_at_several_positions_is_cached_and_rechecked():
@@ -268,9 +260,7 @@ def test_one_tensor_at_several_positions_is_cached_and_rechecked():
     for _ in range(2):
         grads = [s.clone() for s in start]
         value = penalty(params, anchors, weights, scale=0.5, grads=grads)
-        want_value, want_grads = expected(params, anchors, weights, 0.5, "quadratic", start)
-        assert value.item() == pytest.approx(want_value, rel=1e-5)
-        assert_grads_close(grads, want_grads, torch.float32)
+        assert_penalty_matches(value, grads, params, anchors, weights, 0.5, "quadratic", start)
     with pytest.raises(ValueError, match="shares memory"):
         penalty(params, anchors, weights, grads=[grads[0], grads[1], grads[1]])
     weights[0].resize_(2, 6)
@@ -281,7 +271,7 @@ def test_one_tensor_at_several_positions_is_cached_and_rechecked():
 @pytest.mark.parametrize(
     "kwargs,error",
     [
-        (dict(kind="l3"), ValueError),
+        (dict(form="l3"), ValueError),
         (dict(scale=float("nan")), ValueError),
         (dict(scale=1e39), ValueError),
         (dict(scale=True), TypeError),
@@ -300,7 +290,7 @@ def test_one_tensor_at_several_positions_is_cached_and_rechecked():
     ],
 )
 def test_bad_input(kwargs, error):
-    args = dict(params=[torch.zeros(4)], anchors=[torch.zeros(4)], weights=None, scale=1.0, kind="quadratic", grads=None)
+    args = dict(params=[torch.zeros(4)], anchors=[torch.zeros(4)], weights=None, scale=1.0, form="quadratic", grads=None)
     args.update(kwargs)
     with pytest.raises(error):
         penalty(args.pop("params"), args.pop("anchors"), args.pop("weights"), **args)
@@ -309,7 +299,7 @@ def test_bad_input(kwargs, error):
 def test_scale_accepts_numpy_and_0dim_tensors():
     np = pytest.importorskip("numpy")
     params, anchors, weights, _ = small_set()
-    want = expected(params, anchors, weights, 0.5, "quadratic", None)[0]
+    want = penalty_oracle(params, anchors, weights, 0.5, "quadratic", None)[0]
     for scale in (np.float32(0.5), torch.tensor(0.5), 0.5):
         assert penalty(params, anchors, weights, scale=scale).item() == pytest.approx(want, rel=1e-6)
 
@@ -317,21 +307,19 @@ def test_scale_accepts_numpy_and_0dim_tensors():
 # ----------------------------------------------------------------------------- autograd
 
 def leaf_set(dtype=torch.float64, storage=torch.float64, seed=5):
-    params, anchors, weights, _ = make_inputs(SIZES, dtype, storage, True, seed)
+    params, anchors, weights, _ = penalty_inputs(SIZES, dtype, storage, True, seed)
     return [p.requires_grad_() for p in params], anchors, weights
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 @pytest.mark.parametrize("dtype,storage", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
-@pytest.mark.parametrize("kind", ["quadratic", "l1"])
-def test_anchored_penalty_gradient_every_backend(backend, dtype, storage, kind):
-    params, anchors, weights = leaf_set(dtype, storage, seed=seed_of(backend, dtype, kind))
+@pytest.mark.parametrize("form", ["quadratic", "l1"])
+def test_anchored_penalty_gradient_every_backend(backend, dtype, storage, form):
+    params, anchors, weights = leaf_set(dtype, storage, seed=seed_of(backend, dtype, form))
     with use_backend(backend):
-        value = anchored_penalty(params, anchors, weights, scale=1.5, kind=kind)
+        value = anchored_penalty(params, anchors, weights, scale=1.5, form=form)
         value.backward()
-    want_value, want_grads = expected(params, anchors, weights, 1.5, kind, [torch.zeros_like(p) for p in params])
-    assert value.item() == pytest.approx(want_value, rel=VALUE_RTOL[dtype])
-    assert_grads_close([p.grad for p in params], want_grads, dtype)
+    assert_penalty_matches(value, [p.grad for p in params], params, anchors, weights, 1.5, form, [torch.zeros_like(p) for p in params])
 
 
 def test_buffers_become_grad_and_accumulate():
@@ -343,7 +331,7 @@ def test_buffers_become_grad_and_accumulate():
     assert [p.grad.data_ptr() for p in params] == buffers
     assert value.grad_fn.buffers is None  # released: held no longer than the graph needed it
     anchored_penalty(params, anchors, weights, scale=1.5).backward()
-    want = expected(params, anchors, weights, 1.5, "quadratic", [torch.zeros_like(p) for p in params])[1]
+    want = penalty_oracle(params, anchors, weights, 1.5, "quadratic", [torch.zeros_like(p) for p in params])[1]
     assert_grads_close([p.grad for p in params], [2 * w for w in want], torch.float32)
 
 
@@ -351,7 +339,7 @@ def test_grad_output_scales_the_gradient():
     params, anchors, weights = leaf_set()
     value = anchored_penalty(params, anchors, weights, scale=1.5)
     (3.0 * value).backward()
-    exp_value, exp_grads = expected(params, anchors, weights, 1.5, "quadratic", [torch.zeros_like(p) for p in params])
+    exp_value, exp_grads = penalty_oracle(params, anchors, weights, 1.5, "quadratic", [torch.zeros_like(p) for p in params])
     assert value.item() == pytest.approx(exp_value, rel=1e-12)
     for p, e in zip(params, exp_grads):
         torch.testing.assert_close(p.grad, 3.0 * e)
@@ -363,7 +351,7 @@ def test_partial_requires_grad_and_no_grad():
     value = anchored_penalty(params, anchors, weights, scale=0.5)
     value.backward()
     assert params[1].grad is None
-    want_value, want_grads = expected(params, anchors, weights, 0.5, "quadratic", [torch.zeros_like(p) for p in params])
+    want_value, want_grads = penalty_oracle(params, anchors, weights, 0.5, "quadratic", [torch.zeros_like(p) for p in params])
     assert value.item() == pytest.approx(want_value, rel=1e-12)
     for i in (0, 2, 3, 4):
         torch.testing.assert_close(params[i].grad, want_grads[i])
@@ -374,10 +362,10 @@ def test_partial_requires_grad_and_no_grad():
 
 def test_retain_graph_second_backward():
     params, anchors, weights = leaf_set()
-    value = anchored_penalty(params, anchors, weights, scale=0.5, kind="l1")
+    value = anchored_penalty(params, anchors, weights, scale=0.5, form="l1")
     value.backward(retain_graph=True)
     value.backward()
-    want = expected(params, anchors, weights, 0.5, "l1", [torch.zeros_like(p) for p in params])[1]
+    want = penalty_oracle(params, anchors, weights, 0.5, "l1", [torch.zeros_like(p) for p in params])[1]
     for p, w in zip(params, want):
         torch.testing.assert_close(p.grad, 2 * w)
 
@@ -396,15 +384,15 @@ def test_create_graph_gives_exact_second_order_terms():
     """∂/∂θ ⟨∇penalty, v⟩ = s·w·v (quadratic); the L1 term has zero curvature."""
     params, anchors, weights = leaf_set()
     v = [torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) for p in params]
-    for kind in ("quadratic", "l1"):
-        value = anchored_penalty(params, anchors, weights, scale=0.7, kind=kind)
+    for form in ("quadratic", "l1"):
+        value = anchored_penalty(params, anchors, weights, scale=0.7, form=form)
         grads = torch.autograd.grad(2.0 * value, params, create_graph=True)
-        want = expected(params, anchors, weights, 0.7, kind, [torch.zeros_like(p) for p in params])[1]
+        want = penalty_oracle(params, anchors, weights, 0.7, form, [torch.zeros_like(p) for p in params])[1]
         for g, w in zip(grads, want):
             torch.testing.assert_close(g, 2.0 * w)
         hvp = torch.autograd.grad(sum((g * vi).sum() for g, vi in zip(grads, v)), params, allow_unused=True)
         for h, vi, w in zip(hvp, v, weights):
-            expect = 2.0 * 0.7 * w * vi if kind == "quadratic" else torch.zeros_like(vi)
+            expect = 2.0 * 0.7 * w * vi if form == "quadratic" else torch.zeros_like(vi)
             torch.testing.assert_close(torch.zeros_like(vi) if h is None else h, expect)
 
 
@@ -441,22 +429,18 @@ def shaped(base: torch.Tensor, layout: str, shape) -> torch.Tensor:
     shapes=st.lists(st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple), min_size=1, max_size=4),
     layouts=st.lists(st.sampled_from(LAYOUTS), min_size=4, max_size=4),
     case=st.sampled_from(CASES),
-    kind=st.sampled_from(("quadratic", "l1")),
+    form=st.sampled_from(("quadratic", "l1")),
     weighted=st.booleans(),
     store=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_property_any_shapes_strides_dtypes(shapes, layouts, case, kind, weighted, store, seed):
+def test_property_any_shapes_strides_dtypes(shapes, layouts, case, form, weighted, store, seed):
     """Whatever the shapes, memory layouts (shared or not) and dtypes, the op equals the float64 formula."""
     dtype, storage = case
-    params, anchors, weights, start = make_inputs(shapes, dtype, storage, weighted, seed)
+    params, anchors, weights, start = penalty_inputs(shapes, dtype, storage, weighted, seed)
     params = [shaped(p, layouts[0], s) for p, s in zip(params, shapes)]
     anchors = [shaped(a, layouts[1], s) for a, s in zip(anchors, shapes)]
     weights = None if weights is None else [shaped(w, layouts[2], s) for w, s in zip(weights, shapes)]
     grads = [shaped(g.clone(), layouts[3], s) for g, s in zip(start, shapes)]
-    value = penalty(params, anchors, weights, scale=0.9, kind=kind, grads=grads, store=store)
-    want_value, want_grads = expected(params, anchors, weights, 0.9, kind, start, store=store)
-    assert value.item() == pytest.approx(want_value, rel=VALUE_RTOL[dtype], abs=1e-6)
-    rtol, atol = GRAD_TOL[dtype]
-    for g, w in zip(grads, want_grads):
-        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol)
+    value = penalty(params, anchors, weights, scale=0.9, form=form, grads=grads, store=store)
+    assert_penalty_matches(value, grads, params, anchors, weights, 0.9, form, start, store=store)

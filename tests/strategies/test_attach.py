@@ -31,31 +31,31 @@ def weights_for(model, seed):
 
 def make_case(name, model):
     """(regularizer, oracle pieces): anchors = the weights now, then the model is moved away."""
-    anchors, kind = snapshot(model), "quadratic"
+    anchors, form = snapshot(model), "quadratic"
     if name in ("l2sp", "l1sp"):
         reg = (fastcl.L2SP if name == "l2sp" else fastcl.L1SP)(model, STRENGTH)
         weights = {n: torch.ones_like(a) for n, a in anchors.items()}
-        kind = "l1" if name == "l1sp" else kind
+        form = "l1" if name == "l1sp" else form
     else:
         reg = fastcl.EWC(model, STRENGTH) if name == "ewc" else fastcl.MAS(model, STRENGTH)
         weights = weights_for(model, seed=3)
         reg.fold(weights)
     perturb_(model, seed=11)
-    return reg, (anchors, weights, kind)
+    return reg, (anchors, weights, form)
 
 
 def oracle_grad(name, theta, oracle):
-    anchors, weights, kind = oracle
+    anchors, weights, form = oracle
     d = theta - anchors[name]
-    return STRENGTH * weights[name] * (d if kind == "quadratic" else d.sign())
+    return STRENGTH * weights[name] * (d if form == "quadratic" else d.sign())
 
 
 def oracle_value(model, oracle):
-    anchors, weights, kind = oracle
+    anchors, weights, form = oracle
     total = 0.0
     for n, p in model.named_parameters():
         d = p.detach() - anchors[n]
-        total += float((weights[n] * (0.5 * d.square() if kind == "quadratic" else d.abs())).sum())
+        total += float((weights[n] * (0.5 * d.square() if form == "quadratic" else d.abs())).sum())
     return STRENGTH * total
 
 

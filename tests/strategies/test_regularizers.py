@@ -7,8 +7,8 @@ import fastcl
 from .conftest import make_mlp, perturb_, snapshot
 
 
-@pytest.mark.parametrize("cls,kind", [(fastcl.L2SP, "l2"), (fastcl.L1SP, "l1")])
-def test_value_and_gradients_match_formula(cls, kind):
+@pytest.mark.parametrize("cls,form", [(fastcl.L2SP, "l2"), (fastcl.L1SP, "l1")])
+def test_value_and_gradients_match_formula(cls, form):
     model = make_mlp()
     start = snapshot(model)
     reg = cls(model, strength=0.7)
@@ -19,8 +19,8 @@ def test_value_and_gradients_match_formula(cls, kind):
     expected = 0.0
     for n, p in model.named_parameters():
         d = p.detach().double() - start[n]
-        expected += (0.5 * 0.7 * d.square().sum()) if kind == "l2" else 0.7 * d.abs().sum()
-        grad = 0.7 * d if kind == "l2" else 0.7 * d.sign()
+        expected += (0.5 * 0.7 * d.square().sum()) if form == "l2" else 0.7 * d.abs().sum()
+        grad = 0.7 * d if form == "l2" else 0.7 * d.sign()
         torch.testing.assert_close(p.grad, grad, rtol=1e-12, atol=1e-12)
     assert value.item() == pytest.approx(float(expected), rel=1e-12)
 

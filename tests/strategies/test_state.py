@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import fastcl
 import fastcl.strategies.base as base_module
@@ -156,7 +157,7 @@ ANCHORED = COMMON + [
     ("constant nan", ["constant"], float("nan"), ValueError, "constant"),
     ("constant negative", ["constant"], -1.0, ValueError, "constant"),
     ("num_consolidations negative", ["num_consolidations"], -1, ValueError, "num_consolidations"),
-    ("kind", ["kind"], "cubic", ValueError, "kind"),
+    ("form", ["form"], "cubic", ValueError, "form"),
 ]
 WEIGHTED = ANCHORED + [
     ("importance missing", ["importance"], DELETE, ValueError, "missing"),
@@ -332,3 +333,16 @@ def test_numpy_and_tensor_scalars_are_accepted_and_stored_as_python_numbers():
 def test_bad_hyperparameters(make, error):
     with pytest.raises(error):
         make(make_mlp())
+
+
+def test_earlier_form_key_is_still_checked():
+    """States saved before the penalty's φ was called ``form`` carry it as ``"kind"``."""
+    model = nn.Linear(3, 2)
+    reg = fastcl.L2SP(model, strength=1.0)
+    reg.consolidate()
+    state = reg.state_dict()
+    state["kind"] = state.pop("form")
+    fastcl.L2SP(model, strength=1.0).load_state_dict(state)
+    state["kind"] = "l1"
+    with pytest.raises(ValueError, match="form='l1'"):
+        fastcl.L2SP(model, strength=1.0).load_state_dict(state)

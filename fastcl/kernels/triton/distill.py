@@ -59,15 +59,22 @@ def num_warps_for(block_v: int) -> int:
 
 
 @triton.jit
-def _stats_step(s_base, t_base, u, inside, c, m_s, z_s, m_t, z_t, MASKED: tl.constexpr):
-    """Fold one block into the running (maximum, per-lane sums) of 2^a for both streams."""
-    neg_inf = float("-inf")
+def _load_scaled(s_base, t_base, u, inside, c, MASKED: tl.constexpr):
+    """One block of both streams as float32 times ``c`` (−inf outside the row when ``MASKED``)."""
     if MASKED:
-        a_s = tl.load(s_base + u, mask=inside, other=neg_inf).to(tl.float32) * c
-        a_t = tl.load(t_base + u, mask=inside, other=neg_inf).to(tl.float32) * c
+        a_s = tl.load(s_base + u, mask=inside, other=float("-inf")).to(tl.float32) * c
+        a_t = tl.load(t_base + u, mask=inside, other=float("-inf")).to(tl.float32) * c
     else:
         a_s = tl.load(s_base + u).to(tl.float32) * c
         a_t = tl.load(t_base + u).to(tl.float32) * c
+    return a_s, a_t
+
+
+@triton.jit
+def _stats_step(s_base, t_base, u, inside, c, m_s, z_s, m_t, z_t, MASKED: tl.constexpr):
+    """Fold one block into the running (maximum, per-lane sums) of 2^a for both streams."""
+    a_s, a_t = _load_scaled(s_base, t_base, u, inside, c, MASKED)
+    neg_inf = float("-inf")
     # A maximum still at −inf shifts by 0 instead (no −inf − −inf).
     m_s_new = tl.maximum(m_s, tl.max(a_s, axis=0))
     shift_s = tl.where(m_s_new == neg_inf, 0.0, m_s_new)
@@ -81,13 +88,7 @@ def _stats_step(s_base, t_base, u, inside, c, m_s, z_s, m_t, z_t, MASKED: tl.con
 @triton.jit
 def _grad_step(s_base, t_base, g_base, u, inside, c, log_z_s, log_z_t, gscale, kl, MASKED: tl.constexpr):
     """Write ``gscale·(p_s − p_t)`` for one block and add its KL terms (base-2 logs) to ``kl``."""
-    neg_inf = float("-inf")
-    if MASKED:
-        a_s = tl.load(s_base + u, mask=inside, other=neg_inf).to(tl.float32) * c
-        a_t = tl.load(t_base + u, mask=inside, other=neg_inf).to(tl.float32) * c
-    else:
-        a_s = tl.load(s_base + u).to(tl.float32) * c
-        a_t = tl.load(t_base + u).to(tl.float32) * c
+    a_s, a_t = _load_scaled(s_base, t_base, u, inside, c, MASKED)
     log_p_s = a_s - log_z_s
     log_p_t = a_t - log_z_t
     p_t = tl.exp2(log_p_t)

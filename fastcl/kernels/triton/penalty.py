@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ..._dtypes import acc_dtype
+from .._checks import Tensors
 from ._launch import Launch, sm_count
 
 __all__ = ["penalty", "plan", "BLOCK", "CHUNK", "NUM_WARPS", "PROGRAMS_PER_SM", "INTERPRETER_PROGRAMS", "REDUCE_BLOCK", "TABLE_CACHE_SIZE"]
@@ -276,16 +277,8 @@ def _chunk_table(lists, numels: Sequence[int], device: torch.device) -> tuple[to
     return table, n_chunks
 
 
-def plan(
-    params: Sequence[torch.Tensor],
-    anchors: Sequence[torch.Tensor],
-    weights: Sequence[torch.Tensor] | None,
-    scale: float,
-    kind: str,
-    grads: Sequence[torch.Tensor] | None,
-    *,
-    store: bool = False,
-) -> tuple[Launch, Launch, torch.Tensor]:
+def plan(params: Tensors, anchors: Tensors, weights: Tensors | None, scale: float, form: str, grads: Tensors | None, *,
+         store: bool = False) -> tuple[Launch, Launch, torch.Tensor]:
     """The two launches of :func:`penalty` (main pass, then the sum of partials) and its output."""
     if CHUNK % BLOCK or CHUNK % 16:
         raise ValueError(f"CHUNK ({CHUNK}) must be a multiple of BLOCK ({BLOCK}) and of 16")
@@ -305,7 +298,7 @@ def plan(
             W_CODE=_DTYPE_CODES[weights[0].dtype] if weights is not None else 0,
             HAS_WEIGHTS=weights is not None,
             GRAD_MODE=0 if grads is None else (2 if store else 1),
-            L1=kind == "l1",
+            L1=form == "l1",
             BLOCK=BLOCK,
             CHUNK=CHUNK,
             HEAD=16,
@@ -321,16 +314,8 @@ def plan(
     return main, reduce, out
 
 
-def penalty(
-    params: Sequence[torch.Tensor],
-    anchors: Sequence[torch.Tensor],
-    weights: Sequence[torch.Tensor] | None,
-    scale: float,
-    kind: str,
-    grads: Sequence[torch.Tensor] | None,
-    *,
-    store: bool = False,
-) -> torch.Tensor:
+def penalty(params: Tensors, anchors: Tensors, weights: Tensors | None, scale: float, form: str, grads: Tensors | None, *,
+            store: bool = False) -> torch.Tensor:
     """``s·Σ w·φ(θ−a)`` as a 0-dim float32 tensor, and the gradient step into ``grads``.
 
     With ``grads`` and ``store=False``: ``grads[t] += s·w·φ'(θ−a)``; with ``store=True``:
@@ -339,7 +324,7 @@ def penalty(
     equal-length non-empty lists of non-empty contiguous tensors on one device, one
     dtype per list. Version counters are left to the caller.
     """
-    main, reduce, out = plan(params, anchors, weights, scale, kind, grads, store=store)
+    main, reduce, out = plan(params, anchors, weights, scale, form, grads, store=store)
     device = params[0].device
     main(device)
     reduce(device)
