@@ -4,7 +4,10 @@ For one batch, :meth:`ImportancePass.batch`
 
 1. runs the forward and the per-sample losses under a :class:`~.capture.Capture` and a
    :class:`~.provenance.Tracer` (the batch tensors whose dim 0 has the batch size ``B``
-   are the seeds; a batch of one sample needs no tracer: everything is that sample);
+   are the seeds; a batch of one sample needs no tracer: everything is that sample). A
+   batch whose forward repeats, call for call, one already traced (same functions, arguments,
+   shapes and tags) replays that record without the tracer (:mod:`.replay`), and reuses its
+   plan (step 3);
 2. *proves* the per-sample structure: every loss vector must be tagged
    ``Batched(0, B)``, i.e. entry ``b`` depends on sample ``b`` only. Otherwise every
    parameter takes the fallback, with the reason;
