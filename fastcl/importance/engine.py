@@ -32,6 +32,7 @@ mode and ``Z``'s sample slice ``b`` influences ``ℓ_b`` only (that is what the 
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import defaultdict
 
 import torch
@@ -55,6 +56,19 @@ __all__ = ["ImportancePass", "PerSampleFallbackWarning"]
 DENSE_LIMIT_BYTES = 256 * 2**20
 _VJP_CHUNK_BYTES = 64 * 2**20
 _MAX_DIVERGENCES = 2  # replays of one batch shape that left their record before that shape is always traced
+
+
+class _Records:
+    """A model's replay records (:mod:`.replay`) and the plans of their batches, for its next passes."""
+
+    def __init__(self):
+        self.scripts: dict = {}  # batch_key -> Script | None (insertion order: oldest first)
+        self.divergences: dict = defaultdict(int)
+        self.plans: dict = {}  # id(script) -> (script, selected parameters, the plan of its batches)
+
+
+_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MAX_SCRIPTS = 16  # batch shapes remembered per model (the oldest record is dropped)
 
 
 class PerSampleFallbackWarning(UserWarning):
@@ -105,10 +119,14 @@ class ImportancePass:
         self.warned: set[str] = set()
         self.handles = []
         self.replay = True  # off under FSDP2 (see install)
-        self.scripts: dict = {}  # batch_key -> replay.Script (None: trace every batch of that key)
-        self.divergences: dict = defaultdict(int)
+        records = _RECORDS.get(model)
+        if records is None:
+            records = _RECORDS[model] = _Records()
+        # batch_key -> replay.Script (None: trace every batch of that key), kept with the model
+        # across passes: a replay checks every call against the record whatever pass made it
+        self.scripts, self.divergences, self.plans = records.scripts, records.divergences, records.plans
         self.script = None  # the record the current batch replays (or just recorded)
-        self.plans: dict = {}  # id(script) -> (script, the plan of its batches)
+        self.selection = tuple(selected)
         self.capture = Capture(self.tracked, self._on_use_grad, self._on_boundary)
         self._reset()
 
@@ -232,7 +250,7 @@ class ImportancePass:
         self.script = None
         if seed in (None, 1):
             return (None, *self._phases(batch, None, None))
-        key = batch_key(leaves) if self.replay else None
+        key = (self.selection, batch_key(leaves)) if self.replay else None  # tags name the selected parameters
         script = self.scripts.get(key) if key is not None else None
         if script is not None:
             tracer = self._tracer(leaves, seed)
@@ -262,6 +280,12 @@ class ImportancePass:
             raise
         if recorder is not None:
             self.scripts[key] = self.script = recorder.script()
+            while len(self.scripts) > _MAX_SCRIPTS:
+                old = next(iter(self.scripts))
+                dropped = self.scripts.pop(old)
+                self.divergences.pop(old, None)
+                if dropped is not None:
+                    self.plans.pop(id(dropped), None)
         return (tracer, *result)
 
     def _tracer(self, leaves, seed) -> Tracer:
@@ -330,14 +354,14 @@ class ImportancePass:
         self.uses_by_key = {u.key: u for u in capture.uses}
         script = self.script
         cached = self.plans.get(id(script)) if script is not None else None
-        if cached is not None and cached[0] is script:
+        if cached is not None and cached[0] is script and cached[1] == self.selected:
             # A replayed batch: the records, tags and sizes the plan derives from are the recorded ones.
-            _, reasons, self.fallback, self.active, self.immediate, tied = cached
+            _, _, reasons, self.fallback, self.active, self.immediate, tied = cached
             self.tied = {n: [self.uses_by_key[k] for k in keys] for n, keys in tied.items()}
             return dict(reasons)
         reasons = self._decide(losses, tracer, seed, size)
         if script is not None:
-            self.plans[id(script)] = (script, dict(reasons), self.fallback, self.active, self.immediate,
+            self.plans[id(script)] = (script, list(self.selected), dict(reasons), self.fallback, self.active, self.immediate,
                                       {n: [u.key for u in uses] for n, uses in self.tied.items()})
         return reasons
 

@@ -166,3 +166,22 @@ def test_signature_compares_types_and_refuses_opaque_arguments():
     assert one != replay.signature(tracer, torch.Tensor.sum, (x.t().contiguous().t(), 1), {})  # other strides
     assert replay.signature(tracer, torch.Tensor.sum, (x, object()), {}) is None
     assert replay.signature(tracer, lambda t: t, (x,), {}) is None  # not a torch function
+
+
+def test_a_later_pass_replays_the_records_of_an_earlier_one(spy):
+    """Records stay with the model: a later pass over the same parameters replays from its first batch."""
+    gen = torch.Generator().manual_seed(14)
+    torch.manual_seed(14)
+    model = float64_copy(models.PositionTable(steps=STEPS))
+    x = torch.randint(0, 11, (16, STEPS), generator=gen)
+    y = torch.randint(0, 3, (16,), generator=gen)
+    data = in_batches(x, y, [8, 8])
+    ref = per_sample_importance(model, split(x, y), cross_entropy_loss)
+    assert_matches(diagonal_fisher(model, data), ref, rtol=1e-8, atol=1e-13)
+    assert spy["replays"] == 1 and len(spy["scripts"]) == 1
+    assert_matches(diagonal_fisher(model, data), ref, rtol=1e-8, atol=1e-13)
+    assert spy["replays"] == 3 and len(spy["scripts"]) == 1  # nothing traced again
+    subset = ["pos.weight", "head.bias"]  # other tags (the others are constants now): a record of its own
+    for _ in range(2):
+        assert_matches(diagonal_fisher(model, data, params=subset), ref, names=subset, rtol=1e-8, atol=1e-13)
+    assert spy["replays"] == 6 and len(spy["scripts"]) == 2 and spy["diverged"] == 0
