@@ -54,6 +54,8 @@ def test_required_ratios_are_the_targets():
         "distill_vs_torch_time", "distill_vs_torch_memory", "fused_linear_distill_vs_torch_memory",
         "fisher_memory_vs_fwd_bwd", "fisher_vs_fwd_bwd", "fisher_vs_fwd_bwd_cnn", "fisher_vs_fwd_bwd_transformer_emb",
         "fisher_vs_fwd_bwd_transformer_param", "fisher_vs_fwd_bwd_gpt2", "fisher_memory_vs_fwd_bwd_gpt2",
+        "penalty_backward_fraction_of_copy_bandwidth", "penalty_backward_grad_fraction_of_copy_bandwidth",
+        "penalty_backward_vs_autograd_loop", "penalty_backward_grad_vs_autograd_loop", "e2e_penalty_vs_plain",
     }
 
 

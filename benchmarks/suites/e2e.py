@@ -2,8 +2,11 @@
 
 Rows per case (``cases.E2E``, one per model kind), timed interleaved (one epoch of each per
 round, see ``harness.timing.measure_interleaved``): each entry of :data:`BASELINES`, then for
-each penalty backend ``fastcl[<backend>]`` (``EWC.add_penalty_grad_()``) and
-``fastcl[<backend>] penalty()`` (the differentiable ``EWC.penalty()``).
+each penalty backend one row per way the penalty's gradient reaches ``.grad`` (:data:`MODES`):
+``fastcl[<backend>]`` (``EWC.add_penalty_grad_()`` after ``backward()``),
+``fastcl[<backend>] penalty()`` (the differentiable ``EWC.penalty()`` in the loss) and
+``fastcl[<backend>] attach`` (``EWC.attach(optimizer)``: the same fused pass in the
+optimizer's step pre-hook, the loop unchanged; its row shows the hook's bookkeeping).
 **Add a baseline**: write its epoch in ``baselines.py``, add one entry to :data:`BASELINES`.
 """
 from __future__ import annotations
@@ -31,7 +34,11 @@ BASELINES: dict[str, Callable] = {
     "autograd_loop_ewc": lambda m, batches, opt, anchors, fisher: bl.ewc_autograd_loop_epoch(m, batches, opt, anchors, fisher, LAMBDA),
 }
 # how the penalty enters fastcl's epoch -> (the row's impl suffix, its note)
-MODES = {"add_penalty_grad_": ("", "EWC.add_penalty_grad_()"), "penalty": (" penalty()", "differentiable EWC.penalty()")}
+MODES = {
+    "add_penalty_grad_": ("", "EWC.add_penalty_grad_()"),
+    "penalty": (" penalty()", "differentiable EWC.penalty()"),
+    "attach": (" attach", "EWC.attach(optimizer): the fused pass in the step pre-hook"),
+}
 
 
 @dataclass
@@ -53,22 +60,34 @@ class Inputs:
         return lambda: BASELINES[name](m, self.batches, opt, self.anchors, self.fisher)
 
     def fastcl_epochs(self) -> dict[str, Callable[[], None]]:
-        """A consolidated ``fastcl.EWC`` on a fresh copy, and its epoch in each of :data:`MODES`
-        (they train the same copy in turn)."""
+        """A consolidated ``fastcl.EWC`` on a fresh copy, and its epoch in each of :data:`MODES`.
+
+        ``add_penalty_grad_`` and ``penalty`` train the same copy in turn; ``attach`` trains a
+        second copy with the same EWC state whose optimizer stays attached (an attached
+        regularizer leaves the gradient to the hook, so it cannot share the first copy)."""
         m, opt = self.fresh()
         ewc = fastcl.EWC(m, LAMBDA)
         ewc.consolidate(self.batches, verbose=False)
-        return {mode: (lambda mode=mode: fastcl_epoch(m, self.batches, opt, ewc, mode)) for mode in MODES}
+        epochs = {mode: (lambda mode=mode: fastcl_epoch(m, self.batches, opt, ewc, mode)) for mode in MODES if mode != "attach"}
+        m2, opt2 = self.fresh()
+        attached = fastcl.EWC(m2, LAMBDA)
+        attached.load_state_dict(ewc.state_dict())
+        attached.attach(opt2)
+        epochs["attach"] = lambda: fastcl_epoch(m2, self.batches, opt2, attached, "attach")
+        return epochs
 
 
 def fastcl_epoch(model, batches, optimizer, ewc, mode: str) -> None:
+    """One epoch with the penalty's gradient added the :data:`MODES` way ``mode``
+    (``attach``: a plain loop; ``ewc`` is attached to ``optimizer``)."""
     for x, y in batches:
         optimizer.zero_grad(set_to_none=True)
-        if mode == "add_penalty_grad_":
-            F.cross_entropy(model(x), y).backward()
-            ewc.add_penalty_grad_()
-        else:
+        if mode == "penalty":
             (F.cross_entropy(model(x), y) + ewc.penalty()).backward()
+        else:
+            F.cross_entropy(model(x), y).backward()
+            if mode == "add_penalty_grad_":
+                ewc.add_penalty_grad_()
         optimizer.step()
 
 
