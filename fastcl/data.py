@@ -8,6 +8,7 @@ remapped first, e.g. with ``torch.unique(labels, return_inverse=True)``.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
@@ -76,9 +77,12 @@ def balanced_sampler(
     ``num_samples`` defaults to ``len(labels)``; without ``replacement`` it may not exceed it.
     """
     t = _labels(labels)
-    num_samples = t.numel() if num_samples is None else check_int(num_samples, "num_samples", low=1)
+    # WeightedRandomSampler's len() must fit a Py_ssize_t
+    num_samples = t.numel() if num_samples is None else check_int(num_samples, "num_samples", low=1, high=sys.maxsize)
     if not isinstance(replacement, (bool, np.bool_)):
         raise TypeError(f"replacement must be a bool, got {type(replacement).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     replacement = bool(replacement)
     if not replacement and num_samples > t.numel():
         raise ValueError(f"num_samples={num_samples} exceeds the {t.numel()} samples, which needs replacement=True")
@@ -101,8 +105,7 @@ def class_weights(labels, num_classes: int | None = None, scheme: str = "inverse
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    if scheme == "effective":
-        beta = check_real(beta, "beta", low=0.0, high=1.0, high_inclusive=False)
+    beta = check_real(beta, "beta", low=0.0, high=1.0, high_inclusive=False)  # checked even where unused: a typo is a bug
     counts = class_counts(labels, num_classes).double()
     k = counts.numel()
     present = counts > 0

@@ -36,13 +36,14 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validate import check_int, check_real
 from .finetune import default_blocks, freeze, unfreeze
 from .metrics import AccuracyMatrix
 from .scenarios import Task, load_digits, permuted, split
@@ -99,25 +100,51 @@ class DemoConfig:
     replay_fraction: float = 0.2
 
     def validate(self) -> None:
+        """Check every field; NumPy and 0-dim tensor scalars become Python numbers (in place).
+
+        Raises TypeError (not a number, a bool) or ValueError (out of range), naming the field.
+        """
         for name in ("epochs", "hidden", "batch_size", "num_tasks", "consolidate_batch_size", "replay_capacity"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+            setattr(self, name, check_int(getattr(self, name), name, low=1))
+        self.seed = check_int(self.seed, "seed", low=0, high=2**63 - 1)
         if self.num_tasks > 5:
             raise ValueError(f"num_tasks must be at most 5 (split-digits has 5 pairs of classes), got {self.num_tasks}")
+        self.lr = check_real(self.lr, "lr", low=0.0, low_inclusive=False)
+        self.momentum = check_real(self.momentum, "momentum", low=0.0, high=1.0, high_inclusive=False)
+        self.online_decay = check_real(self.online_decay, "online_decay", low=0.0, high=1.0)
+        self.lwf_temperature = check_real(self.lwf_temperature, "lwf_temperature", low=0.0, low_inclusive=False)
+        self.replay_fraction = check_real(self.replay_fraction, "replay_fraction", low=0.0, high=1.0, high_inclusive=False)
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        from .strategies.ewc import FISHER_KINDS
+
+        if self.fisher not in FISHER_KINDS:
+            raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {self.fisher!r}")
+        self.device = str(_check_device(self.device))
+        if not isinstance(self.strengths, Mapping):
+            raise TypeError(f"strengths must be a mapping {{strategy: strength}}, got {type(self.strengths).__name__}")
+        strengths = {}
         for name, value in self.strengths.items():
             if name not in REGULARIZERS:
                 raise ValueError(f"strengths: {name!r} has no strength; the strategies with one are {', '.join(REGULARIZERS)}")
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"strength of {name} must be a finite number >= 0, got {value!r}")
-        if not isinstance(self.replay_fraction, (int, float)) or not 0 <= self.replay_fraction < 1:
-            raise ValueError(f"replay_fraction must be a number in [0, 1), got {self.replay_fraction!r}")
+            strengths[name] = check_real(value, f"strengths[{name!r}]", low=0.0)
+        self.strengths = {**self.strengths, **strengths}
+
+
+def _check_device(device) -> torch.device:
+    """``device`` as a ``torch.device`` that exists on this machine (ValueError naming it otherwise)."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a string or torch.device, got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a torch device: {exc}") from None
+    if dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is not None and not available():
+            raise ValueError(f"device {device!r}: torch.{dev.type} is not available on this machine")
+    return dev
 
 
 # ---------------------------------------------------------------------------- data
@@ -132,10 +159,36 @@ class _TaskData:
     columns: torch.Tensor | None
 
 
+def _choices(values, name: str, allowed: Sequence[str], why: str = "") -> list[str]:
+    """``values``, a non-empty sequence of names from ``allowed`` (a bare string is refused, not split into letters)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a list of names from {', '.join(allowed)}, got {values!r}")
+    if not values:
+        raise ValueError(f"{name} is empty; choose from {', '.join(allowed)}")
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ValueError(f"{name}: unknown {', '.join(map(repr, bad))}; expected names from {', '.join(allowed)}{why}")
+    return list(values)
+
+
+def _config(config) -> DemoConfig:
+    """``config`` (default: :class:`DemoConfig`) after :meth:`DemoConfig.validate`."""
+    if config is None:
+        config = DemoConfig()
+    if not isinstance(config, DemoConfig):
+        raise TypeError(f"config must be a DemoConfig or None, got {type(config).__name__}")
+    config.validate()
+    return config
+
+
 def build_tasks(scenario: str, num_tasks: int = 5, seed: int = 0, device: str | torch.device = "cpu") -> list[_TaskData]:
-    """The tasks of ``scenario`` on ``device``; the data split and permutations follow ``seed``."""
+    """The tasks of ``scenario`` on ``device``; the data split and permutations follow ``seed``.
+
+    ``num_tasks``: 1..5 for split-digits (five pairs of digits), at least 1 for permuted-digits.
+    """
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; expected one of {', '.join(SCENARIOS)}")
+    num_tasks = check_int(num_tasks, "num_tasks", low=1, high=5 if scenario == "split-digits" else None)
     train, test = load_digits(test_fraction=0.25, seed=seed)
     if scenario == "permuted-digits":
         tasks: list[Task] = permuted(train, num_tasks, test=test, seed=seed)
@@ -259,17 +312,21 @@ class _L2SP(_Anchored):
             self.reg.consolidate()
 
 
-class _EWC(_Anchored):
+class _ImportanceOnData(_Anchored):
+    """EWC and MAS: consolidate on the finished task's training data, scored on its own head."""
+
+    def end_task(self, task, tasks):
+        t = tasks[task]
+        self.reg.consolidate(_batches(t.x, t.y, self.cfg.consolidate_batch_size), forward=_task_forward(t.columns), verbose=False)
+
+
+class _EWC(_ImportanceOnData):
     def __init__(self, model, optimizer, cfg, online: bool = False):
         super().__init__(model, optimizer, cfg)
         if online:
             self.reg = _strategies().EWC(model, cfg.strengths["online-ewc"], mode="online", decay=cfg.online_decay, fisher=cfg.fisher)
         else:
             self.reg = _strategies().EWC(model, cfg.strengths["ewc"], mode="separate", fisher=cfg.fisher)
-
-    def end_task(self, task, tasks):
-        t = tasks[task]
-        self.reg.consolidate(_batches(t.x, t.y, self.cfg.consolidate_batch_size), forward=_task_forward(t.columns), verbose=False)
 
 
 class _SI(_Anchored):
@@ -282,14 +339,10 @@ class _SI(_Anchored):
         self.reg.consolidate()
 
 
-class _MAS(_Anchored):
+class _MAS(_ImportanceOnData):
     def __init__(self, model, optimizer, cfg):
         super().__init__(model, optimizer, cfg)
         self.reg = _strategies().MAS(model, cfg.strengths["mas"])
-
-    def end_task(self, task, tasks):
-        t = tasks[task]
-        self.reg.consolidate(_batches(t.x, t.y, self.cfg.consolidate_batch_size), forward=_task_forward(t.columns), verbose=False)
 
 
 class _LwF(_Strategy):
@@ -461,14 +514,9 @@ def run_demo(
     Returns ``{scenario: {strategy: {"average_accuracy", "forgetting", "backward_transfer",
     "seconds", "accuracy_matrix"}}}`` (metrics after the last task, accuracies in [0, 1]).
     """
-    cfg = config if config is not None else DemoConfig()
-    cfg.validate()
-    for s in scenarios:
-        if s not in SCENARIOS:
-            raise ValueError(f"unknown scenario {s!r}; expected one of {', '.join(SCENARIOS)}")
-    for s in strategies:
-        if s not in STRATEGIES:
-            raise ValueError(f"unknown strategy {s!r}; expected one of {', '.join(STRATEGIES)}")
+    cfg = _config(config)
+    scenarios = _choices(scenarios, "scenarios", SCENARIOS)
+    strategies = _choices(strategies, "strategies", STRATEGIES)
     _warm_up()
     results: dict[str, dict[str, dict]] = {}
     for scenario in scenarios:
@@ -532,6 +580,8 @@ def save_plot(results: dict[str, dict[str, dict]], path: str) -> None:
 
     Both panels share one y-range (0-100 %) and show the scenario's chance level.
     """
+    if not isinstance(results, Mapping) or not results:
+        raise ValueError(f"results must be the non-empty mapping run_demo() returns, got {results!r}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -577,14 +627,12 @@ def run_sweep(
     "average_accuracy", "forgetting", "backward_transfer", "seconds"}, ...]}}``; a run that
     diverges (non-finite loss) is recorded with ``diverged=True`` and ``None`` metrics.
     """
-    cfg = config if config is not None else DemoConfig()
-    cfg.validate()
-    bad = [s for s in strategies if s not in REGULARIZERS]
-    if bad:
-        raise ValueError(f"run_sweep: {', '.join(map(repr, bad))} have no strength; choose from {', '.join(REGULARIZERS)}")
-    factors = [float(f) for f in factors]
-    if not factors or not all(math.isfinite(f) and f > 0 for f in factors):
-        raise ValueError(f"factors must be positive finite numbers, got {factors!r}")
+    cfg = _config(config)
+    scenarios = _choices(scenarios, "scenarios", SCENARIOS)
+    strategies = _choices(strategies, "strategies", REGULARIZERS, why=" (run_sweep needs strategies with a strength)")
+    if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence) or not factors:
+        raise TypeError(f"factors must be a non-empty sequence of positive numbers, got {factors!r}")
+    factors = [check_real(f, "factors entry", low=0.0, low_inclusive=False) for f in factors]
     _warm_up()
     out: dict[str, dict] = {}
     for scenario in scenarios:

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ._validate import check_real
+
 __all__ = ["freeze", "unfreeze", "trainable_parameters", "layerwise_lr_groups", "GradualUnfreezer", "default_blocks"]
 
 
@@ -31,15 +33,21 @@ def _check_model(model) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
+def _strings(value, name: str, what: str) -> list[str]:
+    """``value`` (a string or an iterable of strings) as a non-empty list of strings."""
+    items = [value] if isinstance(value, str) else None
+    if items is None and not isinstance(value, (bytes, nn.Module)):
+        try:
+            items = list(value)
+        except TypeError:
+            items = None
+    if not items or not all(isinstance(p, str) for p in items):
+        raise TypeError(f"{name} must be a string or a non-empty list of {what} (strings), got {value!r}")
+    return items
+
+
 def _patterns(patterns) -> list[str] | None:
-    if patterns is None:
-        return None
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    patterns = list(patterns)
-    if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"patterns must be a string or a non-empty list of strings, got {patterns!r}")
-    return patterns
+    return None if patterns is None else _strings(patterns, "patterns", "name patterns")
 
 
 def _set_requires_grad(model: nn.Module, patterns, flag: bool) -> list[str]:
@@ -98,9 +106,11 @@ def _assign_blocks(model: nn.Module, blocks: Sequence[str] | None) -> tuple[list
     if blocks is None:
         blocks = default_blocks(model)
     else:
-        if isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks):
-            raise TypeError(f"blocks must be a list of name prefixes (strings), got {blocks!r}")
-        blocks = list(blocks)
+        if isinstance(blocks, str):
+            raise TypeError(f"blocks must be a list of name prefixes (strings), got the string {blocks!r}; write [{blocks!r}]")
+        if not isinstance(blocks, nn.Module) and hasattr(blocks, "__len__") and len(blocks) == 0:
+            raise ValueError("blocks must list at least one name prefix, got an empty list")
+        blocks = _strings(blocks, "blocks", "name prefixes")
         if len(set(blocks)) != len(blocks):
             raise ValueError(f"blocks has duplicate prefixes: {blocks}")
     if not blocks:
@@ -139,10 +149,13 @@ def layerwise_lr_groups(
     ``weight_decay=0.01``). With ``trainable_only`` frozen parameters are left out and a
     block with none left gives no group. Parameters in no listed block raise ValueError.
     """
-    if not isinstance(base_lr, (int, float)) or not base_lr > 0 or base_lr != base_lr or base_lr == float("inf"):
-        raise ValueError(f"base_lr must be a positive finite number, got {base_lr!r}")
-    if not isinstance(decay, (int, float)) or not 0 < decay <= 1:
-        raise ValueError(f"decay must be a number in (0, 1], got {decay!r}")
+    base_lr = check_real(base_lr, "base_lr", low=0.0, low_inclusive=False)
+    decay = check_real(decay, "decay", low=0.0, high=1.0, low_inclusive=False)
+    if not isinstance(trainable_only, bool):
+        raise TypeError(f"trainable_only must be a bool, got {type(trainable_only).__name__}")
+    taken = sorted({"params", "lr", "name"} & set(group_options))
+    if taken:
+        raise TypeError(f"layerwise_lr_groups() sets {', '.join(taken)} of every group itself; pass the learning rate as base_lr")
     names, members, outside = _assign_blocks(model, blocks)
     if outside:
         raise ValueError(f"parameters {outside} are in none of the blocks {names}")
@@ -151,7 +164,7 @@ def layerwise_lr_groups(
     for k, (prefix, params) in enumerate(zip(names, members)):
         params = [p for _, p in params if p.requires_grad or not trainable_only]
         if params:
-            groups.append({"params": params, "lr": float(base_lr) * float(decay) ** (depth - 1 - k), "name": prefix, **group_options})
+            groups.append({"params": params, "lr": base_lr * decay ** (depth - 1 - k), "name": prefix, **group_options})
     return groups
 
 

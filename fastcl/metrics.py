@@ -15,16 +15,13 @@ row, unless stated otherwise):
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
+from ._validate import check_int, check_real
+
 __all__ = ["AccuracyMatrix"]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 class AccuracyMatrix:
@@ -36,30 +33,24 @@ class AccuracyMatrix:
     """
 
     def __init__(self, num_tasks: int):
-        if not _is_int(num_tasks) or num_tasks < 1:
-            raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
-        self.num_tasks = int(num_tasks)
+        # an (n, n) float64 matrix: 2**15 tasks is already 8 GiB
+        self.num_tasks = check_int(num_tasks, "num_tasks", low=1, high=2**15)
         self._r = np.full((self.num_tasks, self.num_tasks), np.nan, dtype=np.float64)
 
     # ------------------------------------------------------------------ recording
     def _check_index(self, name: str, value) -> int:
-        if not _is_int(value):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if not 0 <= value < self.num_tasks:
-            raise ValueError(f"{name} must be in [0, {self.num_tasks - 1}], got {value}")
-        return int(value)
+        """A task index in ``[0, num_tasks - 1]`` (int, NumPy integer or 0-dim integer tensor)."""
+        return check_int(value, name, low=0, high=self.num_tasks - 1)
 
     def record(self, after_task: int, on_task: int, accuracy: float) -> None:
-        """Set ``R[after_task, on_task] = accuracy`` (a finite number in [0, 1])."""
+        """Set ``R[after_task, on_task] = accuracy`` (a finite real number in [0, 1], not a bool).
+
+        Task indices are ints (NumPy integers and 0-dim integer tensors too); ``accuracy``
+        may also be a NumPy scalar or a 0-dim tensor. A call that raises records nothing.
+        """
         i = self._check_index("after_task", after_task)
         j = self._check_index("on_task", on_task)
-        try:
-            acc = float(accuracy)
-        except (TypeError, ValueError):
-            raise TypeError(f"accuracy must be a number, got {type(accuracy).__name__}") from None
-        if not math.isfinite(acc) or not 0.0 <= acc <= 1.0:
-            raise ValueError(f"accuracy must be a finite number in [0, 1], got {accuracy!r}")
-        self._r[i, j] = acc
+        self._r[i, j] = check_real(accuracy, "accuracy", low=0.0, high=1.0)
 
     def __getitem__(self, index):
         return self._r[index]
@@ -119,11 +110,15 @@ class AccuracyMatrix:
         last = self._final_task("forward_transfer")
         if last < 1:
             raise ValueError("forward_transfer needs at least 2 trained tasks (rows 0 and 1 recorded)")
-        base = np.asarray(baseline, dtype=np.float64)
+        try:
+            base = np.asarray(baseline, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"baseline must be a sequence of {self.num_tasks} accuracies, got {type(baseline).__name__}") from None
         if base.shape != (self.num_tasks,):
             raise ValueError(f"baseline must have one accuracy per task (shape ({self.num_tasks},)), got shape {base.shape}")
-        if not np.isfinite(base[1 : last + 1]).all():
-            raise ValueError("baseline must be finite")
+        used = base[1 : last + 1]
+        if not (np.isfinite(used).all() and (used >= 0).all() and (used <= 1).all()):
+            raise ValueError(f"baseline must hold accuracies in [0, 1], got {used.tolist()} for tasks 1..{last}")
         return float(np.mean([self._entry(j - 1, j) - base[j] for j in range(1, last + 1)]))
 
     # ------------------------------------------------------------------ export

@@ -35,6 +35,8 @@ from ._validate import check_int, check_real
 __all__ = ["POLICIES", "MixedBatchSampler", "ReplayBuffer"]
 
 POLICIES = ("reservoir", "class_balanced")
+_SETTINGS = ("capacity", "policy", "num_seen")
+"""The scalar entries of :meth:`ReplayBuffer.state_dict` (besides the contents and the generator)."""
 
 
 def _seeded_generator(seed: int | None) -> torch.Generator:
@@ -42,7 +44,7 @@ def _seeded_generator(seed: int | None) -> torch.Generator:
     if seed is None:
         g.seed()
     else:
-        g.manual_seed(check_int(seed, "seed", low=0))
+        g.manual_seed(check_int(seed, "seed", low=0, high=2**64 - 1))
     return g
 
 
@@ -75,7 +77,7 @@ class ReplayBuffer:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.policy = policy
         self._generator = _seeded_generator(seed)
-        self._inputs: torch.Tensor | None = None  # [capacity, *input_shape], allocated on the first add
+        self._inputs: torch.Tensor | None = None  # [rows, *input_shape], rows grow geometrically up to capacity
         self._targets: torch.Tensor | None = None
         self._size = 0
         self.num_seen = 0
@@ -116,8 +118,12 @@ class ReplayBuffer:
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` stored samples drawn uniformly without replacement (``n ≤ len(self)``), as copies."""
         n = check_int(n, "n", low=0)
-        if n > self._size or self._inputs is None:
+        if n > self._size:
             raise ValueError(f"n must be at most the number of stored samples ({self._size}), got {n}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if self._inputs is None:  # empty and never shown a sample: n == 0
+            return self.inputs, self.targets
         idx = torch.randperm(self._size, generator=generator if generator is not None else self._generator)[:n]
         return self._inputs[idx], self._targets[idx]  # advanced indexing copies
 
@@ -129,6 +135,28 @@ class ReplayBuffer:
                 f"policy 'class_balanced' needs {name} to be 1-D integer class labels, got shape "
                 f"{tuple(targets.shape)} and dtype {targets.dtype}"
             )
+        if targets.numel() and int(targets.min()) < 0:
+            raise ValueError(
+                f"policy 'class_balanced' needs {name} to be class ids >= 0, got {int(targets.min())} "
+                "(a sample without a label, such as -100, belongs to no class)"
+            )
+
+    def _reserve(self, rows: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Make the storage hold at least ``rows`` samples (at most ``capacity``), growing geometrically.
+
+        Memory follows what is stored, not the budget: a buffer of ``capacity=10**9`` that was
+        shown 100 samples holds 100 rows.
+        """
+        have = 0 if self._inputs is None else self._inputs.shape[0]
+        if rows <= have:
+            return
+        rows = min(self.capacity, max(rows, 2 * have))
+        inputs = torch.empty((rows, *x.shape[1:]), dtype=x.dtype)
+        targets = torch.empty((rows, *y.shape[1:]), dtype=y.dtype)
+        if have:
+            inputs[:have] = self._inputs
+            targets[:have] = self._targets
+        self._inputs, self._targets = inputs, targets
 
     def _check_batch(self, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
         for name, t in (("inputs", inputs), ("targets", targets)):
@@ -157,9 +185,7 @@ class ReplayBuffer:
         x, y = self._check_batch(inputs, targets)
         if x.shape[0] == 0:
             return
-        if self._inputs is None:
-            self._inputs = torch.empty((self.capacity, *x.shape[1:]), dtype=x.dtype)
-            self._targets = torch.empty((self.capacity, *y.shape[1:]), dtype=y.dtype)
+        self._reserve(min(self.capacity, self._size + x.shape[0]), x, y)
         if self.policy == "reservoir":
             self._add_reservoir(x, y)
         else:
@@ -227,17 +253,7 @@ class ReplayBuffer:
                 self._full_classes.update(k for k, v in slots.items() if len(v) == largest)
 
     # ------------------------------------------------------------------ mixing
-    def mixed_loader(
-        self,
-        new_data: Dataset,
-        *,
-        batch_size: int,
-        replay_fraction: float,
-        shuffle: bool = True,
-        drop_last: bool = False,
-        generator: torch.Generator | None = None,
-        **loader_kwargs: Any,
-    ) -> DataLoader:
+    def mixed_loader(self, new_data: Dataset, *, batch_size: int, replay_fraction: float, **options: Any) -> DataLoader:
         """A ``DataLoader`` over ``new_data`` whose batches also hold replayed samples.
 
         Each full batch has ``k = round(batch_size · replay_fraction)`` samples from a
@@ -246,35 +262,33 @@ class ReplayBuffer:
         ``new_data``; replayed samples are drawn without replacement, cycling through the
         buffer. A last, partial batch gets a proportional share of replay. An empty buffer
         gives plain batches of ``new_data``. ``new_data`` items must be ``(input, target)``
-        pairs like the stored ones. ``loader_kwargs`` go to ``DataLoader`` (``num_workers``,
-        ``pin_memory``, ``collate_fn``...).
+        pairs like the stored ones.
+
+        ``options``: :class:`MixedBatchSampler`'s ``shuffle`` (default ``True``), ``drop_last``
+        (default ``False``) and ``generator``; everything else goes to ``DataLoader``
+        (``num_workers``, ``pin_memory``, ``collate_fn``...).
         """
         if not isinstance(new_data, Dataset):
             raise TypeError(f"new_data must be a map-style torch.utils.data.Dataset, got {type(new_data).__name__}")
-        for key in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
-            if key in loader_kwargs:
-                raise TypeError(f"mixed_loader() sets {key} itself; pass batch_size / shuffle / drop_last as its own arguments")
+        for key in ("sampler", "batch_sampler"):
+            if key in options:
+                raise TypeError(f"mixed_loader() builds the {key} itself (a MixedBatchSampler); use MixedBatchSampler directly for your own")
+        if len(new_data) == 0:
+            raise ValueError("new_data is empty: an epoch is one pass over the new data")
+        sampler_options = {k: options.pop(k) for k in MixedBatchSampler.OPTIONS if k in options}
         replay = self.dataset() if self._size else None
         sampler = MixedBatchSampler(
-            len(new_data),
-            0 if replay is None else len(replay),
-            batch_size=batch_size,
-            replay_fraction=replay_fraction,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            generator=generator,
+            len(new_data), 0 if replay is None else len(replay), batch_size=batch_size, replay_fraction=replay_fraction, **sampler_options
         )
         data = new_data if replay is None else ConcatDataset([new_data, replay])
-        return DataLoader(data, batch_sampler=sampler, **loader_kwargs)
+        return DataLoader(data, batch_sampler=sampler, **options)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
         """Everything needed to resume: settings, contents (copies), counters and the generator state."""
         return {
             "type": "ReplayBuffer",
-            "capacity": self.capacity,
-            "policy": self.policy,
-            "num_seen": self.num_seen,
+            **{key: getattr(self, key) for key in _SETTINGS},
             "inputs": None if self._inputs is None else self.inputs.clone(),
             "targets": None if self._targets is None else self.targets.clone(),
             "seen_per_class": dict(self._seen_per_class),
@@ -286,7 +300,7 @@ class ReplayBuffer:
         """Restore from :meth:`state_dict`; everything is checked first, so a bad state changes nothing."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping from ReplayBuffer.state_dict(), got {type(state).__name__}")
-        missing = [k for k in ("capacity", "policy", "num_seen", "inputs", "targets", "generator") if k not in state]
+        missing = [k for k in (*_SETTINGS, "inputs", "targets", "generator") if k not in state]
         if missing:
             raise ValueError(f"state_dict is missing {', '.join(missing)} (expected ReplayBuffer.state_dict())")
         if state.get("type", "ReplayBuffer") != "ReplayBuffer":
@@ -327,7 +341,10 @@ class ReplayBuffer:
                 for c, m in zip(values.tolist(), counts.tolist()):
                     if m > seen_per_class.get(c, 0):
                         raise ValueError(f"state_dict stores {m} samples of class {c} but saw {seen_per_class.get(c, 0)}")
-            full = {check_int(c, "full class") for c in state.get("full_classes", [])}
+            raw_full = state.get("full_classes", [])
+            if isinstance(raw_full, (str, bytes, Mapping)) or not isinstance(raw_full, (list, tuple, set, frozenset)):
+                raise TypeError(f"state_dict full_classes must be a list of class ids, got {type(raw_full).__name__}")
+            full = {check_int(c, "state_dict full_classes entry") for c in raw_full}
         generator = torch.Generator()
         try:
             generator.set_state(state["generator"])
@@ -337,16 +354,20 @@ class ReplayBuffer:
         if x is None:
             self._inputs = self._targets = None
         else:
-            self._inputs = torch.empty((self.capacity, *x.shape[1:]), dtype=x.dtype)
-            self._targets = torch.empty((self.capacity, *y.shape[1:]), dtype=y.dtype)
-            self._inputs[:size] = x.detach().cpu()
-            self._targets[:size] = y.detach().cpu()
+            self._inputs = x.detach().cpu().clone(memory_format=torch.contiguous_format)
+            self._targets = y.detach().cpu().clone(memory_format=torch.contiguous_format)
         self._size, self.num_seen = size, num_seen
         self._seen_per_class, self._full_classes = seen_per_class, full
         self._generator = generator
 
     def __repr__(self) -> str:
         return f"ReplayBuffer(capacity={self.capacity}, policy={self.policy!r}, stored={self._size}, seen={self.num_seen})"
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
 
 
 class MixedBatchSampler(Sampler[list[int]]):
@@ -360,6 +381,9 @@ class MixedBatchSampler(Sampler[list[int]]):
     once before any is used twice). The last, partial batch of new data (kept unless
     ``drop_last``) with ``m`` new samples gets ``round(m · k / (batch_size − k))`` replayed ones.
     """
+
+    OPTIONS = ("shuffle", "drop_last", "generator")
+    """The optional keywords, which :meth:`ReplayBuffer.mixed_loader` passes on."""
 
     def __init__(
         self,
@@ -384,7 +408,8 @@ class MixedBatchSampler(Sampler[list[int]]):
             )
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        self.shuffle, self.drop_last, self.generator = bool(shuffle), bool(drop_last), generator
+        self.shuffle, self.drop_last = _check_bool(shuffle, "shuffle"), _check_bool(drop_last, "drop_last")
+        self.generator = generator
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_new, self.new_per_batch)

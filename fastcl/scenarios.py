@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from ._validate import check_int, check_real
+
 __all__ = ["Task", "split", "permuted", "load_digits"]
 
 Data = Dataset | Sequence[torch.Tensor]
@@ -39,6 +41,25 @@ class Task:
     test: TensorDataset | None
     classes: tuple[int, ...]
     permutation: torch.Tensor | None = field(default=None, repr=False)
+
+
+def _generator(seed) -> torch.Generator:
+    """A CPU generator seeded by ``seed`` (an int ``>= 0``: NumPy and 0-dim integer tensors too)."""
+    return torch.Generator().manual_seed(check_int(seed, "seed", low=0, high=2**64 - 1))
+
+
+def _class_order(class_order, present: list[int]) -> list[int]:
+    """``class_order`` as a list of ints, checked to be a permutation of ``present``."""
+    try:
+        items = None if isinstance(class_order, (str, bytes)) else list(class_order)
+    except TypeError:
+        items = None
+    if items is None:
+        raise TypeError(f"class_order must be a sequence of int class ids, got {type(class_order).__name__}")
+    order = [check_int(c, "class_order entry") for c in items]
+    if sorted(order) != present:
+        raise ValueError(f"class_order must be a permutation of the classes in train {present}, got {order}")
+    return order
 
 
 def _as_tensors(data: Data, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,10 +91,22 @@ def _as_tensors(data: Data, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"{name}: y must be 1-D with one label per sample ({x.shape[0]}), got shape {tuple(y.shape)}")
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.dtype.is_complex:
-        raise ValueError(f"{name}: labels must be integers, got dtype {y.dtype}")
+        raise TypeError(f"{name}: labels must be integers, got dtype {y.dtype}")
     if (y < 0).any():
         raise ValueError(f"{name}: labels must be non-negative")
     return x, y.long()
+
+
+def _check_test(x: torch.Tensor, xt: torch.Tensor | None, yt: torch.Tensor | None = None, y: torch.Tensor | None = None) -> None:
+    """Test samples must have the train samples' shape; with labels, only classes seen in train."""
+    if xt is None:
+        return
+    if xt.shape[1:] != x.shape[1:]:
+        raise ValueError(f"test samples have shape {tuple(xt.shape[1:])}, train samples {tuple(x.shape[1:])}: they differ in size")
+    if yt is not None:
+        unseen = sorted(set(torch.unique(yt).tolist()) - set(torch.unique(y).tolist()))
+        if unseen:
+            raise ValueError(f"test holds classes {unseen} that train does not; they would belong to no task")
 
 
 def split(
@@ -92,15 +125,13 @@ def split(
     """
     x, y = _as_tensors(train, "train")
     xt, yt = _as_tensors(test, "test") if test is not None else (None, None)
-    if not isinstance(classes_per_task, int) or isinstance(classes_per_task, bool) or classes_per_task < 1:
-        raise ValueError(f"classes_per_task must be a positive int, got {classes_per_task!r}")
+    classes_per_task = check_int(classes_per_task, "classes_per_task", low=1)
+    _check_test(x, xt, yt, y)
     present = sorted(torch.unique(y).tolist())
     if class_order is not None:
-        order = [int(c) for c in class_order]
-        if sorted(order) != present:
-            raise ValueError(f"class_order must be a permutation of the classes in train {present}, got {list(class_order)}")
+        order = _class_order(class_order, present)
     elif seed is not None:
-        g = torch.Generator().manual_seed(int(seed))
+        g = _generator(seed)
         order = [present[i] for i in torch.randperm(len(present), generator=g).tolist()]
     else:
         order = present
@@ -135,12 +166,11 @@ def permuted(train: Data, num_tasks: int, test: Data | None = None, seed: int = 
     """
     x, y = _as_tensors(train, "train")
     xt, yt = _as_tensors(test, "test") if test is not None else (None, None)
-    if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
-        raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+    # each task holds its own permuted copy of the data: the count is bounded by what memory can hold
+    num_tasks = check_int(num_tasks, "num_tasks", low=1, high=2**16)
+    _check_test(x, xt)
     d = x[0].numel()
-    if xt is not None and xt[0].numel() != d:
-        raise ValueError(f"train and test samples differ in size ({d} vs {xt[0].numel()} features)")
-    g = torch.Generator().manual_seed(int(seed))
+    g = _generator(seed)
     classes = tuple(sorted(torch.unique(y).tolist()))
     tasks = []
     for t in range(num_tasks):
@@ -159,8 +189,8 @@ def load_digits(
     The split is stratified by class and fixed by ``seed``; ``test_fraction`` in (0, 1).
     Needs scikit-learn (``pip install fastcl[demo]``).
     """
-    if not isinstance(test_fraction, (int, float)) or not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
+    test_fraction = check_real(test_fraction, "test_fraction", low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    g = _generator(seed)
     try:
         from sklearn.datasets import load_digits as _sk_load_digits
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -168,12 +198,11 @@ def load_digits(
     bunch = _sk_load_digits()
     x = torch.as_tensor(bunch.data, dtype=torch.float32) / 16.0
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
-    g = torch.Generator().manual_seed(int(seed))
     train_idx, test_idx = [], []
     for c in torch.unique(y).tolist():
         idx = torch.nonzero(y == c).flatten()
         idx = idx[torch.randperm(idx.numel(), generator=g)]
-        n_test = max(1, round(float(test_fraction) * idx.numel()))
+        n_test = max(1, round(test_fraction * idx.numel()))
         test_idx.append(idx[:n_test])
         train_idx.append(idx[n_test:])
     # interleave classes: a fixed shuffle so that consecutive samples are not one class

@@ -144,3 +144,23 @@ def test_numpy_and_tensor_scalars_as_options():
 def test_many_empty_classes_give_a_short_warning():
     with pytest.warns(UserWarning, match=r"\[1, 2, 3, 4, 5, 6, 7, 8, 9, 10\] and 989 more"):
         class_weights([0, 1000])
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"generator": 5}, TypeError, "generator"), ({"generator": "seed"}, TypeError, "generator"),
+    ({"num_samples": 10**30}, ValueError, "num_samples"), ({"num_samples": np.float64(3)}, TypeError, "num_samples"),
+])
+def test_balanced_sampler_arguments_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        balanced_sampler([0, 1, 1], **kwargs)
+
+
+def test_balanced_sampler_numpy_and_tensor_counts():
+    for n in (np.int64(5), torch.tensor(5)):
+        assert len(balanced_sampler([0, 1, 1], n)) == 5
+
+
+@pytest.mark.parametrize("beta,error", [("x", TypeError), (1.5, ValueError), (True, TypeError)])
+def test_class_weights_checks_beta_for_every_scheme(beta, error):
+    with pytest.raises(error, match="beta"):
+        class_weights([0, 1, 1], scheme="inverse", beta=beta)

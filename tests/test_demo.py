@@ -162,3 +162,52 @@ def test_cli_sweep_writes_json(tmp_path, capsys):
     assert record["config"]["sweep_factors"] == [1.0, 10.0] and record["config"]["strategies"] == ["mas"]
     assert [r["strength"] for r in record["results"]["split-digits"]["mas"]] == pytest.approx([0.03, 0.3])
     assert "strength" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("field,value,error", [
+    ("epochs", 0, ValueError), ("epochs", 1.5, TypeError), ("epochs", True, TypeError), ("seed", -1, ValueError),
+    ("seed", 10**30, ValueError), ("lr", True, TypeError), ("lr", 1e39, ValueError), ("lr", float("nan"), ValueError),
+    ("momentum", 1.5, ValueError), ("momentum", "0.9", TypeError), ("momentum", None, TypeError), ("momentum", -1, ValueError),
+    ("online_decay", 2.0, ValueError), ("online_decay", float("nan"), ValueError), ("lwf_temperature", 0, ValueError),
+    ("lwf_temperature", -1.0, ValueError), ("replay_fraction", 1.0, ValueError), ("fisher", "bogus", ValueError),
+    ("device", 5, TypeError), ("device", "nodevice", ValueError), ("strengths", [1.0], TypeError),
+    ("strengths", {"ewc": True}, TypeError), ("strengths", {"ewc": 1e39}, ValueError), ("strengths", {"ewc": -1.0}, ValueError),
+])
+def test_config_rejects_bad_values_naming_the_field(field, value, error):
+    cfg = DemoConfig(**{field: value})
+    with pytest.raises(error, match=field):
+        cfg.validate()
+
+
+def test_config_accepts_numpy_and_tensor_scalars_as_plain_numbers():
+    cfg = DemoConfig(epochs=np.int64(2), seed=torch.tensor(3), lr=np.float32(0.05), momentum=torch.tensor(0.5),
+                     replay_fraction=np.float64(0.25), strengths={"ewc": np.float32(3.0)})
+    cfg.validate()
+    assert (cfg.epochs, cfg.seed, cfg.momentum, cfg.replay_fraction, cfg.strengths["ewc"]) == (2, 3, 0.5, 0.25, 3.0)
+    assert type(cfg.epochs) is int and type(cfg.seed) is int and type(cfg.lr) is float and type(cfg.strengths["ewc"]) is float
+    assert cfg.lr == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: build_tasks("split-digits", num_tasks=0), ValueError, "num_tasks"),
+    (lambda: build_tasks("split-digits", num_tasks=6), ValueError, "num_tasks"),
+    (lambda: run_demo("split-digits", ["finetune"]), TypeError, "scenarios"),  # not split into letters
+    (lambda: run_demo(["split-digits"], []), ValueError, "strategies"),
+    (lambda: run_demo(["split-digits"], ["bogus"]), ValueError, "bogus"),
+    (lambda: run_demo(["split-digits"], ["finetune"], "cfg"), TypeError, "config"),
+    (lambda: run_sweep(["split-digits"], ["ewc"], factors=[True]), TypeError, "factors"),
+    (lambda: run_sweep(["split-digits"], ["ewc"], factors=[0.0]), ValueError, "factors"),
+    (lambda: run_sweep(["split-digits"], ["ewc"], factors=[]), TypeError, "factors"),
+    (lambda: run_sweep(["split-digits"], ["finetune"], factors=[1.0]), ValueError, "finetune"),
+])
+def test_entry_points_reject_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_save_plot_rejects_empty_results(tmp_path):
+    from fastcl.demo import save_plot
+
+    with pytest.raises(ValueError, match="results"):
+        save_plot({}, str(tmp_path / "x.png"))
+    assert not (tmp_path / "x.png").exists()

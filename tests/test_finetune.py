@@ -1,4 +1,5 @@
 """Freezing, layer-wise learning rates and gradual unfreezing."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -149,3 +150,30 @@ def test_gradual_unfreezer_explicit_blocks_leave_others_frozen():
     flags = _flags(net)
     assert not flags["embed.weight"] and not flags["scale"] and flags["encoder.0.weight"]
     assert "encoder" in repr(unfreezer)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"base_lr": True}, TypeError, "base_lr"), ({"base_lr": 1e39}, ValueError, "base_lr"), ({"base_lr": "0.1"}, TypeError, "base_lr"),
+    ({"decay": True}, TypeError, "decay"), ({"decay": float("nan")}, ValueError, "decay"),
+    ({"trainable_only": "no"}, TypeError, "trainable_only"), ({"lr": 1.0}, TypeError, "lr"), ({"params": []}, TypeError, "params"),
+    ({"blocks": 5}, TypeError, "blocks"), ({"blocks": "head"}, TypeError, "blocks"), ({"blocks": []}, ValueError, "blocks"),
+    ({"blocks": [0, 1]}, TypeError, "blocks"),
+])
+def test_layerwise_lr_arguments_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        layerwise_lr_groups(_Net(), **{"base_lr": 0.1, **kwargs})
+
+
+def test_layerwise_lr_numpy_and_tensor_scalars():
+    want = [g["lr"] for g in layerwise_lr_groups(_Net(), 0.1, decay=0.5)]
+    for base_lr, decay in ((np.float32(0.1), np.float64(0.5)), (torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.5))):
+        got = [g["lr"] for g in layerwise_lr_groups(_Net(), base_lr, decay=decay)]
+        assert got == pytest.approx(want) and all(type(lr) is float for lr in got)
+
+
+@pytest.mark.parametrize("patterns", [5, [5], b"embed.*", []])
+def test_freeze_patterns_type_named_and_nothing_changes(patterns):
+    net = _Net()
+    with pytest.raises(TypeError, match="patterns"):
+        freeze(net, patterns)
+    assert all(p.requires_grad for p in net.parameters())

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from fastcl.metrics import AccuracyMatrix
 
@@ -98,7 +99,7 @@ def test_record_rejects_bad_accuracy(acc):
 
 @pytest.mark.parametrize("i,j", [(-1, 0), (0, 2), (2, 0)])
 def test_record_rejects_bad_index(i, j):
-    with pytest.raises(ValueError, match="must be in"):
+    with pytest.raises(ValueError, match=r"(after|on)_task must be an int >= 0 and <= 1"):
         AccuracyMatrix(2).record(i, j, 0.5)
 
 
@@ -107,10 +108,39 @@ def test_record_rejects_non_int_index():
         AccuracyMatrix(2).record(0.0, 0, 0.5)
 
 
-@pytest.mark.parametrize("n", [0, -1, 2.0, True])
-def test_num_tasks_validated(n):
-    with pytest.raises(ValueError, match="num_tasks"):
+@pytest.mark.parametrize("n,error", [(0, ValueError), (-1, ValueError), (2**40, ValueError), (2.0, TypeError), (True, TypeError),
+                                     ("3", TypeError), (torch.tensor(2.0), TypeError)])
+def test_num_tasks_validated(n, error):
+    with pytest.raises(error, match="num_tasks"):
         AccuracyMatrix(n)
+
+
+@pytest.mark.parametrize("scalar", [np.int64(2), torch.tensor(2), torch.tensor(2, dtype=torch.int32)])
+def test_numpy_and_tensor_integers_accepted(scalar):
+    m = AccuracyMatrix(scalar)
+    assert m.num_tasks == 2 and type(m.num_tasks) is int
+    m.record(scalar - 1, np.int64(0), np.float32(0.5))
+    m.record(torch.tensor(1), torch.tensor(1), torch.tensor(0.25))
+    np.testing.assert_array_equal(m.as_array()[1], [0.5, 0.25])
+    assert m.average_accuracy(torch.tensor(1)) == pytest.approx(0.375)
+
+
+@pytest.mark.parametrize("acc,error", [(True, TypeError), (np.bool_(False), TypeError), ("0.5", TypeError), (None, TypeError),
+                                       (torch.tensor([0.5]), TypeError), (1.0 + 0j, TypeError)])
+def test_record_rejects_non_numbers_and_changes_nothing(acc, error):
+    m = AccuracyMatrix(2)
+    m.record(0, 0, 0.75)
+    with pytest.raises(error, match="accuracy"):
+        m.record(0, 0, acc)
+    assert m[0, 0] == 0.75
+
+
+@pytest.mark.parametrize("baseline,error", [("abc", TypeError), ([0.1, 2.0, 0.1], ValueError), ([0.1, -0.5, 0.1], ValueError),
+                                            ([0.1, math.nan, 0.1], ValueError), ([[0.1, 0.1, 0.1]], ValueError)])
+def test_forward_transfer_baseline_values(baseline, error):
+    m = _filled(np.full((3, 3), 0.5))
+    with pytest.raises(error, match="baseline"):
+        m.forward_transfer(baseline)
 
 
 def test_forward_transfer_baseline_shape():

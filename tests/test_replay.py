@@ -233,3 +233,104 @@ def test_replay_composes_with_a_regularizer():
         buffer.add(*data.tensors)
     assert len(buffer) == 16 and ewc.consolidated
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _state_snapshot(buffer):
+    return (buffer.inputs.clone(), buffer.targets.clone(), buffer.num_seen, len(buffer), buffer._generator.get_state().clone())
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+
+
+def test_memory_follows_the_contents_not_the_budget():
+    """capacity=10**12 used to allocate capacity x sample size on the first add (an out-of-memory abort)."""
+    buffer = ReplayBuffer(10**12, seed=0)
+    x = torch.randn(5, 1000)
+    buffer.add(x, torch.arange(5))
+    buffer.add(x[:3] + 1, torch.arange(3))
+    assert len(buffer) == 8 and buffer._inputs.shape[0] < 100
+    assert torch.equal(buffer.inputs, torch.cat([x, x[:3] + 1]))
+    # growing is invisible to the policy: same contents as a buffer whose storage never grows
+    small, big = ReplayBuffer(6, seed=3), ReplayBuffer(6, seed=3)
+    big._reserve(6, x, torch.arange(5))
+    for b in (small, big):
+        for s in range(0, 40, 3):
+            b.add(torch.arange(s, s + 3, dtype=torch.float32).unsqueeze(1).expand(3, 1000), torch.arange(3))
+    assert torch.equal(small.inputs, big.inputs) and small.num_seen == big.num_seen == 42
+
+
+@pytest.mark.parametrize("seed,error", [(10**30, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError), ("0", TypeError)])
+def test_seed_checked(seed, error):
+    with pytest.raises(error, match="seed"):
+        ReplayBuffer(3, seed=seed)
+
+
+def test_numpy_and_tensor_scalars_accepted():
+    a, b = ReplayBuffer(np.int64(4), seed=np.int64(7)), ReplayBuffer(torch.tensor(4), seed=torch.tensor(7))
+    for buffer in (a, b):
+        buffer.add(torch.arange(10, dtype=torch.float32).unsqueeze(1), torch.arange(10))
+        assert buffer.capacity == 4 and type(buffer.capacity) is int
+    assert torch.equal(a.inputs, b.inputs)
+    assert a.sample(np.int64(2))[0].shape == (2, 1) and a.sample(torch.tensor(2))[0].shape == (2, 1)
+
+
+def test_sample_zero_from_an_empty_buffer_and_generator_checked():
+    x, y = ReplayBuffer(3).sample(0)
+    assert x.numel() == 0 and y.numel() == 0
+    buffer = ReplayBuffer(3, seed=0)
+    buffer.add(torch.randn(2, 2), torch.tensor([0, 1]))
+    before = _state_snapshot(buffer)
+    with pytest.raises(TypeError, match="generator"):
+        buffer.sample(1, generator=5)
+    assert _same(before, _state_snapshot(buffer))
+
+
+def test_class_balanced_refuses_negative_labels_and_changes_nothing():
+    buffer = ReplayBuffer(4, policy="class_balanced", seed=0)
+    buffer.add(torch.randn(3, 2), torch.tensor([0, 1, 1]))
+    before = _state_snapshot(buffer)
+    with pytest.raises(ValueError, match="class ids >= 0"):
+        buffer.add(torch.randn(2, 2), torch.tensor([2, -100]))
+    assert _same(before, _state_snapshot(buffer)) and buffer.class_counts() == {0: 1, 1: 2}
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"shuffle": "yes"}, TypeError, "shuffle"),
+    ({"drop_last": None}, TypeError, "drop_last"),
+    ({"generator": 5}, TypeError, "generator"),
+    ({"sampler": None}, TypeError, "sampler"),
+    ({"batch_sampler": None}, TypeError, "batch_sampler"),
+    ({"new_data": TensorDataset(torch.randn(0, 2), torch.zeros(0, dtype=torch.long))}, ValueError, "new_data is empty"),
+    ({"batch_size": True}, TypeError, "batch_size"),
+    ({"replay_fraction": float("nan")}, ValueError, "replay_fraction"),
+])
+def test_mixed_loader_checks_every_argument(kwargs, error, match):
+    buffer = ReplayBuffer(4, seed=0)
+    buffer.add(torch.randn(4, 2), torch.arange(4))
+    before = _state_snapshot(buffer)
+    call = {"new_data": TensorDataset(torch.randn(10, 2), torch.arange(10)), "batch_size": 4, "replay_fraction": 0.25, **kwargs}
+    with pytest.raises(error, match=match):
+        buffer.mixed_loader(**call)
+    assert _same(before, _state_snapshot(buffer))
+
+
+def test_mixed_loader_passes_sampler_and_loader_options():
+    buffer = ReplayBuffer(4, seed=0)
+    buffer.add(torch.full((4, 1), -1.0), torch.zeros(4, dtype=torch.long))
+    new = TensorDataset(torch.arange(10, dtype=torch.float32).unsqueeze(1), torch.ones(10, dtype=torch.long))
+    loader = buffer.mixed_loader(new, batch_size=4, replay_fraction=0.25, shuffle=False, drop_last=True,
+                                 generator=torch.Generator().manual_seed(0), collate_fn=lambda items: len(items))
+    assert list(loader) == [4, 4, 4]  # 10 new, 3 per batch, last partial batch dropped; collate_fn reached DataLoader
+    first = next(iter(buffer.mixed_loader(new, batch_size=4, replay_fraction=0.25, shuffle=False)))
+    assert first[0][:3, 0].tolist() == [0.0, 1.0, 2.0] and first[0][3, 0] == -1.0
+
+
+@pytest.mark.parametrize("full_classes", [5, "ab", ["a"], {0: 1}])
+def test_bad_full_classes_named_and_nothing_changes(full_classes):
+    buffer = ReplayBuffer(5, policy="class_balanced", seed=0)
+    buffer.add(torch.randn(8, 2), torch.tensor([0, 1, 0, 1, 2, 2, 0, 1]))
+    before = _state_snapshot(buffer)
+    with pytest.raises(TypeError, match="full_classes"):
+        buffer.load_state_dict({**buffer.state_dict(), "full_classes": full_classes})
+    assert _same(before, _state_snapshot(buffer))

@@ -1,4 +1,5 @@
 """Split / permuted scenarios and the bundled digits."""
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -83,7 +84,7 @@ def test_bad_inputs():
     x, y = _data()
     with pytest.raises(TypeError, match="train"):
         split([1, 2, 3], 2)
-    with pytest.raises(ValueError, match="integers"):
+    with pytest.raises(TypeError, match="integers"):
         split((x, y.float()), 2)
     with pytest.raises(ValueError, match="one label per sample"):
         split((x, y[:-1]), 2)
@@ -137,7 +138,69 @@ def test_load_digits():
     assert sum(tuple((r * 16).round().int().tolist()) in rows for r in xt) < 10  # only exact duplicate images
 
 
-@pytest.mark.parametrize("fraction", [0, 1, -0.5, "0.2"])
-def test_load_digits_fraction_validated(fraction):
-    with pytest.raises(ValueError, match="test_fraction"):
+@pytest.mark.parametrize("fraction,error", [(0, ValueError), (1, ValueError), (-0.5, ValueError), (float("nan"), ValueError),
+                                            ("0.2", TypeError), (True, TypeError), (None, TypeError)])
+def test_load_digits_fraction_validated(fraction, error):
+    with pytest.raises(error, match="test_fraction"):
         load_digits(test_fraction=fraction)
+
+
+def test_load_digits_numpy_and_tensor_scalars():
+    (x, y), (xt, yt) = load_digits(test_fraction=0.25, seed=1)
+    for fraction, seed in ((np.float32(0.25), np.int64(1)), (torch.tensor(0.25), torch.tensor(1))):
+        (x2, y2), (xt2, yt2) = load_digits(test_fraction=fraction, seed=seed)
+        assert torch.equal(x, x2) and torch.equal(yt, yt2)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"classes_per_task": 2.0}, TypeError, "classes_per_task"),
+    ({"classes_per_task": True}, TypeError, "classes_per_task"),
+    ({"classes_per_task": 2, "seed": -1}, ValueError, "seed"),
+    ({"classes_per_task": 2, "seed": 1.5}, TypeError, "seed"),
+    ({"classes_per_task": 2, "seed": "0"}, TypeError, "seed"),
+    ({"classes_per_task": 2, "class_order": [0.5, 1, 2, 3, 4, 5]}, TypeError, "class_order"),
+    ({"classes_per_task": 2, "class_order": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]}, TypeError, "class_order"),
+    ({"classes_per_task": 2, "class_order": [True, False, 2, 3, 4, 5]}, TypeError, "class_order"),
+    ({"classes_per_task": 2, "class_order": "012345"}, TypeError, "class_order"),
+    ({"classes_per_task": 2, "class_order": 5}, TypeError, "class_order"),
+])
+def test_split_argument_types(kwargs, error, match):
+    """Bools, floats and strings are not silently truncated to ints (a seed of 1.5 used to mean 1)."""
+    with pytest.raises(error, match=match):
+        split(_data(), **kwargs)
+
+
+def test_split_numpy_and_tensor_arguments():
+    x, y = _data()
+    want = split((x, y), 2, seed=3)
+    for cpt, seed in ((np.int64(2), np.int64(3)), (torch.tensor(2), torch.tensor(3))):
+        got = split((x, y), cpt, seed=seed)
+        assert [t.classes for t in got] == [t.classes for t in want]
+    order = [5, 4, 3, 2, 1, 0]
+    for given in (np.array(order), torch.tensor(order)):
+        assert [t.classes for t in split((x, y), 2, class_order=given)] == [(5, 4), (3, 2), (1, 0)]
+
+
+def test_split_test_set_checked():
+    x, y = _data()
+    with pytest.raises(ValueError, match="differ in size"):
+        split((x, y), 2, test=(torch.randn(4, 5), y[:4]))
+    with pytest.raises(ValueError, match=r"test holds classes \[9\]"):
+        split((x, y), 2, test=(x[:3], torch.tensor([0, 1, 9])))
+
+
+@pytest.mark.parametrize("n,error", [(2.0, TypeError), (True, TypeError), (10**9, ValueError), (np.int64(0), ValueError)])
+def test_permuted_num_tasks_checked(n, error):
+    with pytest.raises(error, match="num_tasks"):
+        permuted(_data(), n)
+
+
+def test_permuted_seed_checked_and_scalars_accepted():
+    x, y = _data()
+    with pytest.raises(TypeError, match="seed"):
+        permuted((x, y), 2, seed=0.5)
+    with pytest.raises(ValueError, match="seed"):
+        permuted((x, y), 2, seed=-3)
+    want = permuted((x, y), 2, seed=4)[1].permutation
+    assert torch.equal(permuted((x, y), np.int64(2), seed=np.int64(4))[1].permutation, want)
+    assert torch.equal(permuted((x, y), torch.tensor(2), seed=torch.tensor(4))[1].permutation, want)

@@ -61,9 +61,11 @@ from ..ops import fused_linear_distillation
 from ..strategies import LwF
 from ..strategies.base import check_strength
 from ..strategies.lwf import check_temperature, frozen_copy
+from ._atomic import all_or_nothing
 
 __all__ = [
     "IGNORE_INDEX",
+    "PROBLEM_TYPES",
     "CausalLMLwF",
     "ContinualTrainer",
     "ContinualTrainerMixin",
@@ -150,6 +152,18 @@ def causal_lm_targets(batch) -> torch.Tensor:
     return labels
 
 
+def _check_token_ids(model: nn.Module, batch: Mapping) -> None:
+    """``input_ids`` must index the model's embedding table (else a bare IndexError deep in the forward)."""
+    ids = batch.get("input_ids")
+    embeddings = getattr(unwrap_model(model), "get_input_embeddings", None)
+    if not isinstance(ids, torch.Tensor) or ids.numel() == 0 or not callable(embeddings):
+        return
+    table = embeddings()
+    size = getattr(table, "num_embeddings", None)
+    if size is not None and (int(ids.min()) < 0 or int(ids.max()) >= size):
+        raise ValueError(f"input_ids must be token ids in [0, {size}) (the model's vocabulary), got {int(ids.min())} to {int(ids.max())}")
+
+
 def causal_lm_forward(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """``forward`` for :func:`fastcl.diagonal_fisher` / ``EWC.consolidate`` on a causal LM.
 
@@ -161,6 +175,7 @@ def causal_lm_forward(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tens
     """
     batch = _as_batch(batch)
     device = _model_device(model)
+    _check_token_ids(model, batch)
     targets = causal_lm_targets(batch).to(device, non_blocking=True)
     outputs = model(**_model_inputs(batch, device), use_cache=False)
     logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
@@ -188,6 +203,11 @@ def causal_lm_per_sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> 
     if S < 2:
         return logits.sum(dim=(1, 2)).to(acc) * 0.0
     shifted = targets[:, 1:]
+    counted = shifted[shifted != IGNORE_INDEX]
+    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= V):
+        raise ValueError(
+            f"targets must be token ids in [0, {V}) or {IGNORE_INDEX} (no loss), got {int(counted.min())} to {int(counted.max())}"
+        )
     nll = F.cross_entropy(
         logits[:, :-1, :].reshape(-1, V).to(acc), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     ).view(B, S - 1)
@@ -228,6 +248,10 @@ def sequence_classification_forward(model: nn.Module, batch) -> tuple[torch.Tens
     return logits, labels
 
 
+PROBLEM_TYPES = ("single_label_classification", "regression", "multi_label_classification")
+"""The ``problem_type`` values of ``transformers`` sequence classifiers."""
+
+
 def sequence_classification_per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, *, problem_type: str | None = None) -> torch.Tensor:
     r"""Per-sample loss ``ℓ_n`` ``[B]`` of a sequence classifier; ``transformers`` trains on their mean.
 
@@ -239,8 +263,12 @@ def sequence_classification_per_sample_loss(logits: torch.Tensor, labels: torch.
 
     Computed in float32 (float64 for float64 logits).
     """
+    if problem_type is not None and problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"problem_type must be one of {PROBLEM_TYPES} or None, got {problem_type!r}")
     if labels is None:
         raise ValueError("the per-sample loss of a sequence classifier needs labels: the batches must contain 'labels'")
+    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError(f"logits and labels must be tensors, got {type(logits).__name__} and {type(labels).__name__}")
     if logits.dim() != 2 or labels.shape[0] != logits.shape[0]:
         raise ValueError(f"expected logits [B, C] and labels with B rows, got {tuple(logits.shape)} and {tuple(labels.shape)}")
     acc = _penalty_dtype(logits.dtype)
@@ -264,9 +292,7 @@ def sequence_classification_per_sample_loss(logits: torch.Tensor, labels: torch.
         raise ValueError(f"{problem_type} needs labels of shape {tuple(z.shape)} (or [B] for one label), got {tuple(labels.shape)}")
     if problem_type == "regression":
         return (z - target).square().mean(1)
-    if problem_type == "multi_label_classification":
-        return F.binary_cross_entropy_with_logits(z, target, reduction="none").mean(1)
-    raise ValueError(f"unknown problem_type {problem_type!r}")
+    return F.binary_cross_entropy_with_logits(z, target, reduction="none").mean(1)
 
 
 # --------------------------------------------------------------------------- what a model is
@@ -497,6 +523,8 @@ class CausalLMLwF:
             mask: ``[B, S]`` bool, tokens that count; default ``batch["attention_mask"] != 0``
                 (all tokens without an attention mask).
         """
+        if not isinstance(student_hidden, torch.Tensor):
+            raise TypeError(f"student_hidden must be the [B, S, H] tensor of final hidden states, got {type(student_hidden).__name__}")
         device = student_hidden.device
         if not self.active:
             return torch.zeros((), dtype=_penalty_dtype(student_hidden.dtype), device=device)
@@ -548,19 +576,6 @@ def _as_regularizers(regularizer) -> list:
                 f"{type(item).__name__}" + ("; pass distillation as lwf=CausalLMLwF(...)" if isinstance(item, (LwF, CausalLMLwF)) else "")
             )
     return items
-
-
-@contextlib.contextmanager
-def _all_or_nothing(objects):
-    """Restore every object's attributes if the block raises (strategies replace their state, never mutate it)."""
-    saved = [(obj, dict(vars(obj))) for obj in objects]
-    try:
-        yield
-    except BaseException:
-        for obj, attributes in saved:
-            vars(obj).clear()
-            vars(obj).update(attributes)
-        raise
 
 
 class ContinualTrainerMixin:
@@ -689,7 +704,7 @@ class ContinualTrainerMixin:
                 raise ValueError("consolidate needs a dataset: pass one or give the trainer a train_dataset")
             loader = self.get_eval_dataloader(data)
         everything = self.regularizers + ([self.lwf] if self.lwf is not None else [])
-        with _all_or_nothing(everything):
+        with all_or_nothing(everything):
             for reg in self.regularizers:
                 need = getattr(reg, "consolidation_input", None)
                 if need is None:

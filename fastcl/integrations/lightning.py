@@ -34,7 +34,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,7 +47,9 @@ except ImportError:  # pragma: no cover - exercised only without lightning
     except ImportError as error:
         raise ImportError("fastcl.integrations.lightning needs PyTorch Lightning: pip install lightning") from error
 
+from .._validate import check_int
 from ..strategies import SI, LwF
+from ._atomic import all_or_nothing
 
 __all__ = ["ContinualCallback"]
 
@@ -63,6 +65,25 @@ def _consolidate(strategy, data, **options) -> None:
         strategy.consolidate(data, **kwargs)
     else:
         strategy.consolidate(**kwargs)
+
+
+def _check_old_classes(old_classes, lwf) -> None:
+    """Early, type-level check of LwF's ``old_classes`` (the class count is known only at the first step)."""
+    if old_classes is None:
+        return
+    if lwf is None:
+        raise ValueError("old_classes selects the teacher's columns for LwF; it needs lwf=LwF(...)")
+    if isinstance(old_classes, (slice, torch.Tensor)):
+        return
+    if isinstance(old_classes, (str, bytes)) or not (isinstance(old_classes, Sequence) or hasattr(old_classes, "__index__")):
+        raise TypeError(f"old_classes must be an int, a slice, a sequence or tensor of class ids, or a bool mask; got {old_classes!r}")
+    if isinstance(old_classes, Sequence):
+        if not old_classes:
+            raise ValueError("old_classes is empty: it must select at least one class")
+        for c in old_classes:
+            check_int(c, "old_classes entry", low=0)
+    else:
+        check_int(old_classes, "old_classes", low=1)
 
 
 class ContinualCallback(pl.Callback):
@@ -121,6 +142,15 @@ class ContinualCallback(pl.Callback):
                 )
         if not isinstance(consolidate, bool):
             raise TypeError(f"consolidate must be a bool, got {type(consolidate).__name__}")
+        for name, fn in (("forward", forward), ("loss_fn", loss_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+        if consolidation_data is not None and not callable(consolidation_data) and not isinstance(consolidation_data, Iterable):
+            raise TypeError(
+                "consolidation_data must be an iterable of batches, a callable (trainer, module) -> iterable, or None; "
+                f"got {type(consolidation_data).__name__}"
+            )
+        _check_old_classes(old_classes, lwf)
         self.regularizers = regs
         self.lwf = lwf
         self.old_classes = old_classes
@@ -174,11 +204,18 @@ class ContinualCallback(pl.Callback):
             self._hook = None
 
     def consolidate(self, data=None) -> None:
-        """End of a task: consolidate every regularizer on ``data`` and snapshot LwF's teacher."""
-        for r in self.regularizers:
-            _consolidate(r, data, forward=self.forward, loss_fn=self.loss_fn, verbose=False)
-        if self.lwf is not None:
-            self.lwf.consolidate()
+        """End of a task: consolidate every regularizer on ``data`` and snapshot LwF's teacher.
+
+        All or nothing: if one of them raises, none changes.
+        """
+        with all_or_nothing(self._strategies()):
+            for r in self.regularizers:
+                _consolidate(r, data, forward=self.forward, loss_fn=self.loss_fn, verbose=False)
+            if self.lwf is not None:
+                self.lwf.consolidate()
+
+    def _strategies(self) -> list:
+        return [*self.regularizers, *([self.lwf] if self.lwf is not None else [])]
 
     # ------------------------------------------------------------------ the step
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -250,14 +287,22 @@ class ContinualCallback(pl.Callback):
             "lwf": None if self.lwf is None else self.lwf.state_dict(),
         }
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        regs = state_dict.get("regularizers", [])
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Restore every strategy from :meth:`state_dict`; all or nothing: if one state is bad, none changes."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping from ContinualCallback.state_dict(), got {type(state_dict).__name__}")
+        if "regularizers" not in state_dict:
+            raise ValueError("state_dict has no 'regularizers' entry (expected ContinualCallback.state_dict())")
+        regs = state_dict["regularizers"]
+        if not isinstance(regs, (list, tuple)):
+            raise TypeError(f"state_dict['regularizers'] must be a list of regularizer states, got {type(regs).__name__}")
         if len(regs) != len(self.regularizers) or (state_dict.get("lwf") is None) != (self.lwf is None):
             raise ValueError(
                 f"checkpoint holds {len(regs)} regularizer(s) and {'an' if state_dict.get('lwf') else 'no'} LwF state; "
                 f"this callback has {len(self.regularizers)} and {'an' if self.lwf else 'no'} LwF"
             )
-        for r, s in zip(self.regularizers, regs):
-            r.load_state_dict(s)
-        if self.lwf is not None:
-            self.lwf.load_state_dict(state_dict["lwf"])
+        with all_or_nothing(self._strategies()):
+            for r, s in zip(self.regularizers, regs):
+                r.load_state_dict(s)
+            if self.lwf is not None:
+                self.lwf.load_state_dict(state_dict["lwf"])

@@ -595,3 +595,51 @@ def test_trainer_consolidates_any_regularizer_by_what_it_declares(tmp_path):
     trainer.consolidate()
     for n, w in mas.importance.items():
         torch.testing.assert_close(custom.importance[n], 2 * w, rtol=1e-6, atol=0)
+
+
+def test_out_of_range_token_ids_and_targets_are_named():
+    """They used to surface as a bare IndexError from the embedding or cross_entropy."""
+    from fastcl.integrations.hf import sequence_classification_per_sample_loss
+
+    model = tiny_llama(seed=3)
+    batch = padded_batch([4, 3], 5, seed=1)
+    bad = {**batch, "input_ids": batch["input_ids"].masked_fill(batch["attention_mask"] == 1, VOCAB + 5)}
+    with pytest.raises(ValueError, match=rf"input_ids must be token ids in \[0, {VOCAB}\)"):
+        causal_lm_forward(model, bad)
+    logits, targets = torch.randn(2, 5, VOCAB), batch["labels"].clone()
+    targets[0, 2] = VOCAB
+    with pytest.raises(ValueError, match="targets must be token ids"):
+        causal_lm_per_sequence_loss(logits, targets)
+    targets[0, 2] = -3
+    with pytest.raises(ValueError, match="targets must be token ids"):
+        causal_lm_per_sequence_loss(logits, targets)
+    with pytest.raises(ValueError, match="problem_type must be one of"):
+        sequence_classification_per_sample_loss(torch.randn(3, 4), torch.tensor([0, 1, 1]), problem_type="bogus")
+    with pytest.raises(TypeError, match="logits and labels"):
+        sequence_classification_per_sample_loss(torch.randn(3, 4), [0, 1, 1])
+
+
+def test_ewc_consolidate_on_bad_token_ids_changes_nothing(tmp_path):
+    model = tiny_llama(seed=4)
+    ewc = fastcl.EWC(model, 1.0)
+    trainer = ContinualTrainer(model=model, args=training_args(tmp_path), train_dataset=TokenDataset(4, 6, seed=0), regularizer=ewc)
+    before = {k: v for k, v in vars(ewc).items()}
+
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            ids = torch.full((6,), VOCAB + 1)
+            return {"input_ids": ids, "attention_mask": torch.ones(6, dtype=torch.long), "labels": ids}
+
+    with pytest.raises(ValueError, match="input_ids"):
+        trainer.consolidate(Bad())
+    assert vars(ewc) == before and not ewc.consolidated
+
+
+def test_lwf_penalty_student_hidden_type_named():
+    model = tiny_llama(seed=5)
+    lwf = CausalLMLwF(model)
+    with pytest.raises(TypeError, match="student_hidden"):
+        lwf.penalty({"input_ids": torch.zeros(1, 3, dtype=torch.long)}, "hidden")

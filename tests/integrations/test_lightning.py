@@ -201,3 +201,96 @@ def test_divergence_is_caught_at_the_step():
             p.add_(0.1)
     with pytest.raises(FloatingPointError, match="Choosing strength"):
         _trainer([ContinualCallback(ewc)], max_epochs=3).fit(module, DataLoader(_data(16), batch_size=4))
+
+
+def _snapshot(*objects):
+    """Every attribute of the strategies (tensors by value) and every parameter of their models."""
+    out = []
+    for obj in objects:
+        for key, value in sorted(vars(obj).items()):
+            if isinstance(value, torch.Tensor):
+                value = value.clone()
+            elif isinstance(value, dict):
+                value = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+            out.append((key, value))
+        out.extend((n, p.detach().clone()) for n, p in obj.model.named_parameters())
+    return out
+
+
+def _equal(a, b):
+    def same(x, y):
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        return x is y or x == y
+
+    return len(a) == len(b) and all(ka == kb and same(va, vb) for (ka, va), (kb, vb) in zip(a, b))
+
+
+def _two_consolidated():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    l2 = fastcl.L2SP(net, 1.0)
+    l2.consolidate()
+    ewc = fastcl.EWC(net, 1.0)
+    ewc.consolidate([(torch.randn(8, 4), torch.randint(0, 3, (8,)))], verbose=False)
+    return net, l2, ewc
+
+
+def test_consolidate_is_all_or_nothing():
+    """L2-SP used to take its new anchor although EWC, consolidated second, refused the data."""
+    net, l2, ewc = _two_consolidated()
+    lwf = fastcl.LwF(net)
+    callback = ContinualCallback([l2, ewc], lwf=lwf)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1)
+    before = _snapshot(l2, ewc, lwf)
+    with pytest.raises(ValueError, match="label 9"):
+        callback.consolidate([(torch.randn(4, 4), torch.tensor([0, 1, 9, 0]))])
+    assert _equal(before, _snapshot(l2, ewc, lwf))
+    with pytest.raises(ValueError, match="needs data"):
+        callback.consolidate(None)
+    assert _equal(before, _snapshot(l2, ewc, lwf))
+    callback.consolidate([(torch.randn(4, 4), torch.tensor([0, 1, 2, 0]))])
+    assert float(l2.penalty()) == 0.0 and lwf.consolidated  # the new anchor is the current weights
+
+
+def test_load_state_dict_is_all_or_nothing_and_checks_its_argument():
+    net, l2, ewc = _two_consolidated()
+    callback = ContinualCallback([l2, ewc])
+    good = callback.state_dict()
+    bad = copy.deepcopy(good)
+    bad["regularizers"][0]["strength"] = 7.0  # valid, loaded first
+    bad["regularizers"][1]["strength"] = float("nan")  # refused second
+    before = _snapshot(l2, ewc)
+    with pytest.raises(ValueError, match="strength"):
+        callback.load_state_dict(bad)
+    assert _equal(before, _snapshot(l2, ewc)) and l2.strength == 1.0
+    for state, error, match in [(None, TypeError, "state_dict"), ([], TypeError, "state_dict"), ({}, ValueError, "regularizers"),
+                                ({"regularizers": "x", "lwf": None}, TypeError, "regularizers")]:
+        with pytest.raises(error, match=match):
+            callback.load_state_dict(state)
+        assert _equal(before, _snapshot(l2, ewc))
+    good["regularizers"][0]["strength"] = 7.0
+    callback.load_state_dict(good)
+    assert l2.strength == 7.0
+
+
+def test_constructor_checks_callables_data_and_old_classes():
+    net = torch.nn.Linear(4, 3)
+    ewc, lwf = fastcl.EWC(net, 1.0), fastcl.LwF(net)
+    for kwargs, error, match in [
+        ({"forward": 5}, TypeError, "forward"), ({"loss_fn": "ce"}, TypeError, "loss_fn"),
+        ({"consolidation_data": 5}, TypeError, "consolidation_data"), ({"old_classes": 2}, ValueError, "old_classes"),
+        ({"lwf": lwf, "old_classes": []}, ValueError, "old_classes"), ({"lwf": lwf, "old_classes": "ab"}, TypeError, "old_classes"),
+        ({"lwf": lwf, "old_classes": 0}, ValueError, "old_classes"), ({"lwf": lwf, "old_classes": [0.5]}, TypeError, "old_classes"),
+        ({"lwf": lwf, "old_classes": True}, TypeError, "old_classes"),
+    ]:
+        with pytest.raises(error, match=match):
+            ContinualCallback(ewc, **kwargs)
+    import numpy as np
+
+    for good in (np.int64(2), [0, 2], slice(0, 2), torch.tensor([0, 1]), torch.tensor([True, False, True])):
+        assert ContinualCallback(lwf=lwf, old_classes=good).old_classes is good
