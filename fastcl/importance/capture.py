@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .provenance import Batched, Shared, Unknown, tensor_leaves
-from .replay import Player
+from .recording import Player
 from .rules import Call, Rule, rule_for
 
 __all__ = ["Boundary", "Capture", "Use"]
@@ -197,8 +197,8 @@ class Capture(TorchFunctionMode):
     def begin(self, tracer, steps=None) -> None:
         """Start a batch with ``tracer`` (``None``: one sample, or between batches); forget the last one.
 
-        ``steps``: a :class:`~.replay.Recorder` (the tracer runs; its calls are recorded) or a
-        :class:`~.replay.Player` (the tracer is not running: the calls replay a record).
+        ``steps``: a :class:`~.recording.Recorder` (the tracer runs; its calls are recorded) or a
+        :class:`~.recording.Player` (the tracer is not running: the calls replay a record).
         """
         self.tracer = tracer
         self.steps = steps

@@ -6,7 +6,7 @@ For one batch, :meth:`ImportancePass.batch`
    :class:`~.provenance.Tracer` (the batch tensors whose dim 0 has the batch size ``B``
    are the seeds; a batch of one sample needs no tracer: everything is that sample). A
    batch whose forward repeats, call for call, one already traced (same functions, arguments,
-   shapes and tags) replays that record without the tracer (:mod:`.replay`), and reuses its
+   shapes and tags) replays that record without the tracer (:mod:`.recording`), and reuses its
    plan (step 3);
 2. *proves* the per-sample structure: every loss vector must be tagged
    ``Batched(0, B)``, i.e. entry ``b`` depends on sample ``b`` only. Otherwise every
@@ -46,7 +46,7 @@ from .contributions import Dense, Factored, Sparse, accumulate, assign, coalesce
 from .fallback import Runner, per_sample_accumulate
 from .objectives import check_losses
 from .provenance import Batched, Tracer, Unknown, per_sample
-from .replay import Diverged, Player, Recorder, batch_key
+from .recording import Diverged, Player, Recorder, batch_key
 from .rules.embedding import EmbeddingRule
 
 __all__ = ["ImportancePass", "PerSampleFallbackWarning"]
@@ -59,7 +59,7 @@ _MAX_DIVERGENCES = 2  # replays of one batch shape that left their record before
 
 
 class _Records:
-    """A model's replay records (:mod:`.replay`) and the plans of their batches, for its next passes."""
+    """A model's replay records (:mod:`.recording`) and the plans of their batches, for its next passes."""
 
     def __init__(self):
         self.scripts: dict = {}  # batch_key -> Script | None (insertion order: oldest first)
@@ -245,7 +245,7 @@ class ImportancePass:
 
         A batch of one sample needs no tracer (everything is that sample). Otherwise the tracer
         tags the batch's tensors, or, when an earlier batch of the same shapes left a record, the
-        record is replayed without it (:mod:`.replay`); a replay that diverges is traced again.
+        record is replayed without it (:mod:`.recording`); a replay that diverges is traced again.
         """
         self.script = None
         if seed in (None, 1):

@@ -21,7 +21,7 @@ For parameters ``θ`` and samples ``x_1 … x_N`` (all counted rows of all batch
 Engine (:mod:`.engine`): one ordinary forward and backward per batch (per class for
 ``"exact"``). Every tensor is tagged with the dimension that carries the samples, from where
 it came from (:mod:`.provenance`), never from its sizes (batches that repeat a traced forward
-call for call replay its tags, :mod:`.replay`); every use of a parameter by a
+call for call replay its tags, :mod:`.recording`); every use of a parameter by a
 recognised op (:mod:`.rules`: linear, ``addmm`` / ``@`` with a weight, conv1d/2d/3d,
 embedding, layer/RMS/group/batch norm, and the projections inside multi-head attention)
 runs a rule that turns (input, output gradient) into ``Σ_n |∂ℓ_n/∂θ|^p`` with

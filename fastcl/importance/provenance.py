@@ -452,7 +452,7 @@ def _align(tag, t_ndim, out_shape, t_shape, what):
 
 # How many tags were derived from tensor *values* rather than from metadata and provenance (a
 # shared tensor constant along the samples, an index equal to arange(n)). A forward whose tags
-# read values is never replayed (:mod:`.replay`): the next batch could read other values.
+# read values is never replayed (:mod:`.recording`): the next batch could read other values.
 VALUE_READS = [0]
 
 

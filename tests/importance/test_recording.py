@@ -1,4 +1,4 @@
-"""Replayed provenance (:mod:`fastcl.importance.replay`): batches that repeat a traced forward skip the tracer.
+"""Replayed provenance (:mod:`fastcl.importance.recording`): batches that repeat a traced forward skip the tracer.
 
 Every case runs several batches of one shape (replayed) mixed with batches of other shapes
 (traced, recorded separately), including a ragged last batch whose size collides with the
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastcl.importance import diagonal_fisher, engine, mas_importance, replay
+from fastcl.importance import diagonal_fisher, engine, mas_importance, recording
 
 from . import models
 from .reference import assert_matches, cross_entropy_loss, float64_copy, in_batches, mas_loss, per_sample_importance, split
@@ -24,7 +24,7 @@ def spy(monkeypatch):
     """Counts replays, divergences and recorded scripts (``None``: not replayable) of the passes in a test."""
     stats = {"replays": 0, "diverged": 0, "scripts": []}
 
-    class Player(replay.Player):
+    class Player(recording.Player):
         def __init__(self, *args):
             super().__init__(*args)
             stats["replays"] += 1
@@ -34,7 +34,7 @@ def spy(monkeypatch):
                 stats["diverged"] += 1
             super()._diverge()
 
-    record = replay.Recorder.script
+    record = recording.Recorder.script
 
     def script(self):
         out = record(self)
@@ -42,7 +42,7 @@ def spy(monkeypatch):
         return out
 
     monkeypatch.setattr(engine, "Player", Player)
-    monkeypatch.setattr(replay.Recorder, "script", script)
+    monkeypatch.setattr(recording.Recorder, "script", script)
     return stats
 
 
@@ -160,12 +160,12 @@ def test_tags_read_from_values_are_not_replayed(spy):
 def test_signature_compares_types_and_refuses_opaque_arguments():
     tracer = engine.Tracer({}, set())
     x = torch.zeros(2, 3)
-    one = replay.signature(tracer, torch.Tensor.sum, (x, 1), {})
-    assert one == replay.signature(tracer, torch.Tensor.sum, (x, 1), {})
-    assert one != replay.signature(tracer, torch.Tensor.sum, (x, True), {})  # 1 == True, but not the same argument
-    assert one != replay.signature(tracer, torch.Tensor.sum, (x.t().contiguous().t(), 1), {})  # other strides
-    assert replay.signature(tracer, torch.Tensor.sum, (x, object()), {}) is None
-    assert replay.signature(tracer, lambda t: t, (x,), {}) is None  # not a torch function
+    one = recording.signature(tracer, torch.Tensor.sum, (x, 1), {})
+    assert one == recording.signature(tracer, torch.Tensor.sum, (x, 1), {})
+    assert one != recording.signature(tracer, torch.Tensor.sum, (x, True), {})  # 1 == True, but not the same argument
+    assert one != recording.signature(tracer, torch.Tensor.sum, (x.t().contiguous().t(), 1), {})  # other strides
+    assert recording.signature(tracer, torch.Tensor.sum, (x, object()), {}) is None
+    assert recording.signature(tracer, lambda t: t, (x,), {}) is None  # not a torch function
 
 
 def test_a_later_pass_replays_the_records_of_an_earlier_one(spy):
