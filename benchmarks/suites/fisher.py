@@ -74,15 +74,19 @@ class Baseline:
     slow: bool = False   # seconds per call: few repetitions
 
 
+# The order is the round-robin order of the timed calls (the fastcl rows come last). The peers that
+# allocate and release hundreds of MiB (vmap, Opacus) come first and the cheap reference row
+# squared_minibatch follows them, so that the yardstick (plain_fwd_bwd) and the fastcl rows each
+# follow a small pass on a warm allocator, not the page faults of the memory a peer just released.
 BASELINES: dict[str, Baseline] = {
     "per_sample_loop": Baseline(lambda m, loss: partial(bl.fisher_per_sample_loop, m, loss_fn=loss.mean), slow=True),
     "vmap_grad": Baseline(lambda m, loss: partial(bl.fisher_vmap, m, loss_fn=loss.mean)),
+    "backpack": Baseline(lambda m, loss: bl.fisher_backpack_factory(copy.deepcopy(m), loss.sum)),
+    "opacus": Baseline(lambda m, loss: bl.fisher_opacus_factory(copy.deepcopy(m), loss.sum)),
     "squared_minibatch (wrong)": Baseline(lambda m, loss: partial(bl.fisher_squared_minibatch, m, loss_fn=loss.mean),
                                           note="not the Fisher: squares of mini-batch mean gradients"),
     "plain_fwd_bwd": Baseline(lambda m, loss: partial(bl.plain_forward_backward, m, loss_fn=loss.mean),
                               note="one ordinary forward+backward pass over the same data (yardstick)"),
-    "backpack": Baseline(lambda m, loss: bl.fisher_backpack_factory(copy.deepcopy(m), loss.sum)),
-    "opacus": Baseline(lambda m, loss: bl.fisher_opacus_factory(copy.deepcopy(m), loss.sum)),
 }
 REFERENCE = "per_sample_loop"  # the exact Fisher the others are checked against
 

@@ -27,6 +27,8 @@ def default_batch(batch, device):
             "Pass forward=lambda model, batch: (outputs, targets) for other batch layouts"
         )
     if isinstance(inputs, torch.Tensor):
+        if inputs.device == device and (targets is None or (isinstance(targets, torch.Tensor) and targets.device == device)):
+            return (inputs,), targets  # the common case, without walking the structures
         inputs = (inputs,)
     elif isinstance(inputs, list):
         inputs = tuple(inputs)
@@ -34,7 +36,7 @@ def default_batch(batch, device):
         raise TypeError(f"inputs must be a tensor, a tuple of tensors or a dict, got {type(inputs).__name__}")
 
     def move(t):
-        return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+        return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) and t.device != device else t
 
     return tree_map(move, inputs), tree_map(move, targets)
 

@@ -37,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .provenance import Batched, Shared, Unknown, tensor_leaves
+from .recording import Player
 from .rules import Call, Rule, rule_for
 
 __all__ = ["Boundary", "Capture", "Use"]
@@ -71,7 +72,7 @@ class Boundary:
     deps: tuple  # their deps
     z_tag: Batched
     z_index: Any  # None: the output; int: that output; "mutated:<i>": leaf i, written in place
-    kind: str | None = None  # "add" (scale) or "mul" (other) when the per-sample gradient has a closed form
+    op: str | None = None  # "add" (scale) or "mul" (other) when the per-sample gradient has a closed form
     scale: float = 1.0
     other: torch.Tensor | None = None
     versions: tuple = ()  # version counters of ``leaves`` and ``other`` when recorded
@@ -89,19 +90,22 @@ class _RuleFunction(torch.autograd.Function):
         # tracer need not see the op: it is tagged after the call.
         with torch._C._DisableTorchDispatch():
             out, saved = use.rule.forward(use.call)
-        ctx.sink, ctx.use, ctx.n_params = sink, use, len(params)
-        ctx.save_for_backward(x, *[s.detach() for s in saved])
+        ctx.state = (sink, use, len(params))
+        if saved:
+            ctx.save_for_backward(x, *[s.detach() for s in saved])
+        else:
+            ctx.save_for_backward(x)
         return out
 
     @staticmethod
     def backward(ctx, g):
         x, *saved = ctx.saved_tensors
-        use = ctx.use
+        sink, use, n_params = ctx.state
         call = use.call._replace(x=x)
         saved = tuple(saved)
-        ctx.sink(use, call, saved, g)
+        sink(use, call, saved, g)
         grad_x = use.rule.input_grad(call, saved, g) if ctx.needs_input_grad[2] else None
-        return (None, None, grad_x) + (None,) * ctx.n_params
+        return (None, None, grad_x) + (None,) * n_params
 
 
 # torch.autograd.Function.apply walks its arguments for functorch wrappers before calling the C++
@@ -119,7 +123,7 @@ def _apply(*args):
 
 
 def _elementwise_funcs() -> dict:
-    """``{func: (kind, sign, in_place)}`` for the spellings of ``a + b``, ``a - b`` and ``a * b``."""
+    """``{func: (op, sign, in_place)}`` for the spellings of ``a + b``, ``a - b`` and ``a * b``."""
     names = {
         ("add", 1, False): ("add", "__add__", "__radd__"),
         ("add", -1, False): ("sub", "subtract", "__sub__"),
@@ -129,12 +133,12 @@ def _elementwise_funcs() -> dict:
     }
     owners = [torch, torch.Tensor] + [getattr(torch._C, n) for n in ("TensorBase", "_TensorBase") if hasattr(torch._C, n)]
     table = {}
-    for kind, attrs in names.items():
+    for op, attrs in names.items():
         for owner in owners:
             for attr in attrs:
                 func = getattr(owner, attr, None)
                 if func is not None and func not in table:
-                    table[func] = kind
+                    table[func] = op
     return table
 
 
@@ -187,12 +191,18 @@ class Capture(TorchFunctionMode):
         super().__init__()
         self.tracked = tracked
         self.sink, self.on_boundary = sink, on_boundary
-        self._mha_impl = self._instrumented_mha()
+        self._mha_impl = False  # built on first use (see _instrumented_mha)
         self.begin(None)
 
-    def begin(self, tracer) -> None:
-        """Start a batch with ``tracer`` (``None``: one sample, or between batches); forget the last one."""
+    def begin(self, tracer, steps=None) -> None:
+        """Start a batch with ``tracer`` (``None``: one sample, or between batches); forget the last one.
+
+        ``steps``: a :class:`~.recording.Recorder` (the tracer runs; its calls are recorded) or a
+        :class:`~.recording.Player` (the tracer is not running: the calls replay a record).
+        """
         self.tracer = tracer
+        self.steps = steps
+        self.player = steps if isinstance(steps, Player) else None
         self.uses: list[Use] = []
         self.boundaries: list[Boundary] = []
         self.unprovable: dict = {} if tracer is None else tracer.unprovable
@@ -215,6 +225,19 @@ class Capture(TorchFunctionMode):
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.steps is not None:
+            return self.steps.step(self, func, args, kwargs)
+        return self.dispatch(func, args, kwargs)
+
+    def _call(self, func, args, kwargs):
+        """Run the intercepted call itself (a replay tags its results from the record)."""
+        out = func(*args, **kwargs)
+        if self.player is not None:
+            self.player.ran(out)
+        return out
+
+    def dispatch(self, func, args, kwargs):
+        """Handle one intercepted call (a use, a boundary, or a plain call)."""
         if func is _MHA_FORWARD:
             return self._mha(func, args, kwargs)
         if func is F.batch_norm and torch.is_grad_enabled() and (
@@ -230,14 +253,14 @@ class Capture(TorchFunctionMode):
 
     def handle(self, func, args, kwargs):
         if not torch.is_grad_enabled():
-            return func(*args, **kwargs)
+            return self._call(func, args, kwargs)
         carrying_tensors = []
         for t in tensor_leaves(args, kwargs):
             tag = self._tag(t)
             if isinstance(tag, Shared) and tag.deps:
                 carrying_tensors.append((t, tag))
         if not carrying_tensors:
-            return func(*args, **kwargs)
+            return self._call(func, args, kwargs)
         rule = rule_for(func)
         if rule is not None:
             out = self._use(rule, func, args, kwargs, carrying_tensors)
@@ -259,7 +282,7 @@ class Capture(TorchFunctionMode):
         if call is None:
             return NotImplemented
         if isinstance(call, str):
-            out = func(*args, **kwargs)
+            out = self._call(func, args, kwargs)
             self._unprovable(set().union(*(tag.deps for _, tag in carrying)), call)
             return out
         slots = {}
@@ -284,12 +307,12 @@ class Capture(TorchFunctionMode):
             return self._batched_use(rule, func, args, kwargs, call, slots, None)
         x_tag = self.tracer.tag(call.x)
         if isinstance(x_tag, Unknown):
-            out = func(*args, **kwargs)
+            out = self._call(func, args, kwargs)
             self._unprovable(slots.values(), f"the input of {rule.name} has no provable sample dimension: {x_tag.why}")
             return out
         if isinstance(x_tag, Batched):
             if not rule.sample_dim_ok(call, x_tag.dim):
-                out = func(*args, **kwargs)
+                out = self._call(func, args, kwargs)
                 self._unprovable(slots.values(), f"{rule.name} mixes the dimension that carries the samples (dim {x_tag.dim})")
                 return out
             return self._batched_use(rule, func, args, kwargs, call, slots, x_tag)
@@ -304,7 +327,7 @@ class Capture(TorchFunctionMode):
                 if self.tracer is not None:
                     self.tracer.retag(out, x_tag)
             else:
-                out = func(*args, **kwargs)
+                out = self._call(func, args, kwargs)
                 if isinstance(out, torch.Tensor) and out.requires_grad:
                     out.register_hook(functools.partial(self._hook, use))
                 if self.tracer is not None and self.tracer.tag(out) != x_tag:
@@ -320,7 +343,7 @@ class Capture(TorchFunctionMode):
             with torch._C._DisableTorchDispatch():  # shared in, shared out: tagged below
                 out, saved = rule.forward(call)
         else:
-            out, saved = func(*args, **kwargs), ()
+            out, saved = self._call(func, args, kwargs), ()
         use = Use(next(self._keys), rule, call._replace(x=call.x.detach()), slots, x_tag, out, tuple(s.detach() for s in saved))
         self.uses.append(use)
         self.tracer.retag(out, Shared(frozenset((("use", use.key),)) | x_tag.deps))
@@ -331,11 +354,11 @@ class Capture(TorchFunctionMode):
     def _boundary(self, func, args, kwargs, leaves, spec, carrying):
         deps = set().union(*(t.deps for _, t in carrying))
         if self.tracer is None:  # one sample: the plain gradient is the per-sample gradient
-            return func(*args, **kwargs)
+            return self._call(func, args, kwargs)
         name = _func_name(func)
         in_place = _in_place(func, kwargs)
         if in_place and any(i == 0 for i, _ in carrying):
-            out = func(*args, **kwargs)
+            out = self._call(func, args, kwargs)
             self._unprovable(deps, f"written into in place by {name} (mixing the batch into it)")
             return out
         closed = self._closed_form(func, args, kwargs, carrying)
@@ -349,7 +372,7 @@ class Capture(TorchFunctionMode):
                 snapshot.append(t.detach())
         versions = [t._version if isinstance(t, torch.Tensor) else None for t in leaves]
         with self._handling:
-            out = func(*args, **kwargs)
+            out = self._call(func, args, kwargs)
         results = []
         outs = out if isinstance(out, (tuple, list)) else (out,)
         for j, o in enumerate(outs):
@@ -372,13 +395,13 @@ class Capture(TorchFunctionMode):
             where = "mutated:0"
         if not z.requires_grad:
             return out
-        kind, scale, other = None, 1.0, None
+        op, scale, other = None, 1.0, None
         if closed is not None:
-            kind, scale, other = closed
+            op, scale, other = closed
             s = leaves[carrying[0][0]]
             d = z_tag.dim - (z.dim() - s.dim())
             if d >= 0 and s.shape[d] != 1:
-                kind = None  # the shared tensor is not broadcast over the samples: the general path
+                op = None  # the shared tensor is not broadcast over the samples: the general path
                 if in_place:
                     self._unprovable(deps, f"added in place by {name} without broadcasting over the samples")
                     return out
@@ -386,28 +409,28 @@ class Capture(TorchFunctionMode):
         b = Boundary(
             next(self._keys), func, tuple(snapshot), spec, tuple(i for i, _ in carrying),
             tuple(leaves[i] for i, _ in carrying), tuple(t.deps for _, t in carrying), z_tag, where,
-            kind, scale, other, record_versions,
+            op, scale, other, record_versions,
         )
         self.boundaries.append(b)
         z.register_hook(functools.partial(self.on_boundary, b))
         return out
 
     def _closed_form(self, func, args, kwargs, carrying):
-        """``(kind, scale, other)`` for ``x ± α·s``, ``s ± α·x`` and ``x * s``, else ``None``.
+        """``(op, scale, other)`` for ``x ± α·s``, ``s ± α·x`` and ``x * s``, else ``None``.
 
-        ``kind="add"``: ``∂z/∂s = scale``; ``kind="mul"``: ``∂z/∂s = other`` (the batched operand).
+        ``op="add"``: ``∂z/∂s = scale``; ``op="mul"``: ``∂z/∂s = other`` (the batched operand).
         """
         entry = _ELEMENTWISE.get(func)
         if entry is None or len(carrying) != 1 or len(args) != 2 or set(kwargs) - {"alpha"}:
             return None
-        kind, sign, _ = entry
+        op, sign, _ = entry
         alpha = kwargs.get("alpha", 1)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or (kind == "mul" and "alpha" in kwargs):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or (op == "mul" and "alpha" in kwargs):
             return None
         pos = carrying[0][0]
         if pos > 1 or not isinstance(args[1 - pos], torch.Tensor) or not isinstance(args[pos], torch.Tensor):
             return None
-        if kind == "add":
+        if op == "add":
             return "add", (1.0 if pos == 0 else float(sign * alpha)), None
         return "mul", 1.0, args[1 - pos].detach()
 
@@ -443,9 +466,13 @@ class Capture(TorchFunctionMode):
             if isinstance(tag, Shared):
                 carrying |= tag.deps
         if not carrying or not torch.is_grad_enabled():
-            return func(*args, **kwargs)
+            return self._call(func, args, kwargs)
+        if self.steps is not None:
+            self.steps.unreplayable()  # the projections inside are separate records: no step of its own
+        if self._mha_impl is False:
+            self._mha_impl = self._instrumented_mha()
         if self._mha_impl is None:
-            out = func(*args, **kwargs)
+            out = self._call(func, args, kwargs)
             self._unprovable(carrying, "multi_head_attention_forward could not be instrumented")
             return out
         # every use inside goes through the taps; anything else is caught by the tracer

@@ -29,8 +29,8 @@ import torch
 
 from ..ops.sqgrad import sqgrad_into
 
-__all__ = ["ConvGrads", "Dense", "Factored", "Sparse", "accumulate", "coalesce", "power_of", "rows_of",
-           "sparse_correction"]
+__all__ = ["Accumulators", "ConvGrads", "Dense", "Factored", "Sparse", "accumulate", "assign", "coalesce", "power_of",
+           "rows_of", "sparse_correction"]
 
 _BUDGET_BYTES = 64 * 2**20  # ceiling for the per-sample buffers of one chunk ...
 _MIN_BUDGET_BYTES = 2**20  # ... which otherwise stay within the layer's own activation size
@@ -47,6 +47,25 @@ class Factored:
     def __init__(self, x: torch.Tensor, g: torch.Tensor):
         self.x, self.g = x, g
         self.rows, self.cols, self.batch = g.shape[-1], x.shape[-1], x.shape[0]
+        self._g_power = None
+
+    def g_power(self, power: int, dtype: torch.dtype) -> torch.Tensor:
+        """``|g[b, 0, :]|^p`` ``[B, O]`` in ``dtype`` for a single position (``T = 1``), computed once:
+        the ``Σ_b |g_b|^p`` of a bias on the same output (a :class:`Dense` with ``of=`` this) reuses it."""
+        cached = self._g_power
+        if cached is None or cached[0] != power or cached[1].dtype != dtype:
+            cached = (power, power_of(self.g.reshape(self.batch, self.rows).to(dtype), power))
+            self._g_power = cached
+        return cached[1]
+
+    def accumulate_single(self, out: torch.Tensor, power: int) -> None:
+        """``out += Σ_b |g_bᵀ x_b|^p``: for ``T = 1`` one matmul ``|g|^pᵀ |x|^p`` (``|g|^p`` shared, see
+        :meth:`g_power`), otherwise :func:`fastcl.ops.sqgrad`'s kernel."""
+        x = self.x
+        if x.shape[1] != 1 or self.batch == 0 or self.rows == 0 or self.cols == 0:
+            sqgrad_into(x, self.g, out, power)
+            return
+        out.addmm_(self.g_power(power, out.dtype).t(), power_of(x.reshape(self.batch, self.cols).to(out.dtype), power))
 
     def sample_bytes(self) -> int:
         """Bytes one sample costs in :meth:`take` (for chunking): views only."""
@@ -104,6 +123,7 @@ class ConvGrads:
 @dataclass
 class Dense:
     values: torch.Tensor  # [B, numel], accumulation dtype
+    of: Factored | None = None  # values = Σ_t of.g[b, t] (a linear map's bias): |values|^p comes from of.g_power
 
 
 @dataclass
@@ -126,6 +146,62 @@ def coalesce(sample, row, values, num_rows) -> Sparse:
 # --------------------------------------------------------------------------- accumulation
 
 
+class Accumulators(dict):
+    """``{name: Σ_b |∇ℓ_b|^p so far}``, allocated uninitialised.
+
+    Indexing zero-fills an accumulator the first time; :meth:`take_fresh` hands it over
+    unfilled once, so that the first contribution can be written with :func:`assign` instead
+    of added to zeros (one pass over the parameter's size less).
+    """
+
+    def __init__(self, tensors: dict):
+        super().__init__(tensors)
+        self.fresh = set(tensors)
+
+    def __getitem__(self, name):
+        t = dict.__getitem__(self, name)
+        if name in self.fresh:
+            self.fresh.discard(name)
+            t.zero_()
+        return t
+
+    def pop(self, name):
+        self[name]  # zero-filled if never written
+        return dict.pop(self, name)
+
+    def take_fresh(self, name) -> tuple[torch.Tensor, bool]:
+        """``(accumulator, whether it was never written)``; afterwards it counts as written."""
+        fresh = name in self.fresh
+        if fresh:
+            self.fresh.discard(name)
+        return dict.__getitem__(self, name), fresh
+
+
+@torch.no_grad()
+def assign(items: list, out: torch.Tensor, power: int) -> bool:
+    """``out = Σ_b |∇ℓ_b|^power`` for the common single contributions; ``False`` (``out`` untouched) otherwise."""
+    if len(items) != 1:
+        return False
+    c = items[0]
+    if type(c) is Factored:
+        x = c.x
+        if x.shape[1] != 1 or c.batch == 0 or c.rows == 0 or c.cols == 0:
+            return False
+        torch.mm(c.g_power(power, out.dtype).t(), power_of(x.reshape(c.batch, c.cols).to(out.dtype), power), out=out)
+        return True
+    if type(c) is Dense and c.values.shape[0] > 0:
+        torch.sum(_dense_power(c, out.dtype, power), 0, out=out.view(-1))
+        return True
+    return False
+
+
+def _dense_power(c, dtype, power) -> torch.Tensor:
+    of = c.of
+    if of is not None and of.x.shape[1] == 1:
+        return of.g_power(power, dtype)
+    return power_of(c.values.to(dtype), power)
+
+
 def accumulate(items: list, out: torch.Tensor, power: int) -> None:
     """``out += Σ_b |Σ_items ∇ℓ_b(item)|^power`` (``out`` shaped like the parameter)."""
     if not items:
@@ -133,10 +209,10 @@ def accumulate(items: list, out: torch.Tensor, power: int) -> None:
     if len(items) == 1:  # the common case, without the classification below
         c = items[0]
         if type(c) is Factored:
-            sqgrad_into(c.x, c.g, out, power)
+            c.accumulate_single(out, power)
             return
         if type(c) is Dense:
-            out.view(-1).add_(power_of(c.values.to(out.dtype), power).sum(0))
+            out.view(-1).add_(_dense_power(c, out.dtype, power).sum(0))
             return
     batch = _batch_of(items)
     factored = [c for c in items if isinstance(c, Factored)]
@@ -234,7 +310,7 @@ def sparse_correction(out, row, a_rows, values, power) -> None:
 
 
 def _accumulate_dense(items, out, power, batch):
-    """Mixed contribution kinds (or convolutions): per-sample gradients in bounded chunks of samples."""
+    """Mixed contribution types (or convolutions): per-sample gradients in bounded chunks of samples."""
     numel = out.numel()
     lazy = (Factored, ConvGrads)
     per_sample = numel * out.element_size() * 2 + sum(c.sample_bytes() for c in items if isinstance(c, lazy))

@@ -4,7 +4,10 @@ For one batch, :meth:`ImportancePass.batch`
 
 1. runs the forward and the per-sample losses under a :class:`~.capture.Capture` and a
    :class:`~.provenance.Tracer` (the batch tensors whose dim 0 has the batch size ``B``
-   are the seeds; a batch of one sample needs no tracer: everything is that sample);
+   are the seeds; a batch of one sample needs no tracer: everything is that sample). A
+   batch whose forward repeats, call for call, one already traced (same functions, arguments,
+   shapes and tags) replays that record without the tracer (:mod:`.recording`), and reuses its
+   plan (step 3);
 2. *proves* the per-sample structure: every loss vector must be tagged
    ``Batched(0, B)``, i.e. entry ``b`` depends on sample ``b`` only. Otherwise every
    parameter takes the fallback, with the reason;
@@ -29,6 +32,7 @@ mode and ``Z``'s sample slice ``b`` influences ``ℓ_b`` only (that is what the 
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import defaultdict
 
 import torch
@@ -38,10 +42,12 @@ from .._dtypes import acc_dtype
 from ..distributed import is_dtensor
 from .batches import default_batch, truncate
 from .capture import Capture, rebuild
-from .contributions import Dense, Factored, Sparse, accumulate, coalesce, rows_of, sparse_correction
+from .contributions import Dense, Factored, Sparse, accumulate, assign, coalesce, rows_of, sparse_correction
 from .fallback import Runner, per_sample_accumulate
 from .objectives import check_losses
 from .provenance import Batched, Tracer, Unknown, per_sample
+from .recording import Diverged, Player, Recorder, batch_key
+from .rules.embedding import EmbeddingRule
 
 __all__ = ["ImportancePass", "PerSampleFallbackWarning"]
 
@@ -49,6 +55,20 @@ __all__ = ["ImportancePass", "PerSampleFallbackWarning"]
 # this, the parameter takes the fallback (which bounds its memory by chunking samples).
 DENSE_LIMIT_BYTES = 256 * 2**20
 _VJP_CHUNK_BYTES = 64 * 2**20
+_MAX_DIVERGENCES = 2  # replays of one batch shape that left their record before that shape is always traced
+
+
+class _Records:
+    """A model's replay records (:mod:`.recording`) and the plans of their batches, for its next passes."""
+
+    def __init__(self):
+        self.scripts: dict = {}  # batch_key -> Script | None (insertion order: oldest first)
+        self.divergences: dict = defaultdict(int)
+        self.plans: dict = {}  # id(script) -> (script, selected parameters, the plan of its batches)
+
+
+_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MAX_SCRIPTS = 16  # batch shapes remembered per model (the oldest record is dropped)
 
 
 class PerSampleFallbackWarning(UserWarning):
@@ -93,11 +113,20 @@ class ImportancePass:
         self.tracked = {id(by_name[n]): n for n in selected}
         self.objects = {n: by_name[n] for n in selected}  # the tensors the forward uses (FSDP2 swaps them)
         self.constants = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
-        self.runner = Runner(model, forward)
+        self.runner = None  # the fallback's functional model, made when a parameter first needs it
         self.runner_path = {n: "model." + raw_names[n] for n in selected}
         self.fallback_state: dict = {}
         self.warned: set[str] = set()
         self.handles = []
+        self.replay = True  # off under FSDP2 (see install)
+        records = _RECORDS.get(model)
+        if records is None:
+            records = _RECORDS[model] = _Records()
+        # batch_key -> replay.Script (None: trace every batch of that key), kept with the model
+        # across passes: a replay checks every call against the record whatever pass made it
+        self.scripts, self.divergences, self.plans = records.scripts, records.divergences, records.plans
+        self.script = None  # the record the current batch replays (or just recorded)
+        self.selection = tuple(selected)
         self.capture = Capture(self.tracked, self._on_use_grad, self._on_boundary)
         self._reset()
 
@@ -118,6 +147,7 @@ class ImportancePass:
     # ------------------------------------------------------------------ install
 
     def install(self, sharded: bool, fsdp_types: tuple) -> None:
+        self.replay = not sharded
         if sharded:
             self._track_unsharded(fsdp_types)
 
@@ -171,23 +201,9 @@ class ImportancePass:
             batch = truncate(batch, remaining)
         leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor) and t.dim() >= 1]
         seed = leaves[0].shape[0] if leaves else None
-        tracer = None if seed in (None, 1) else Tracer(self.tracked, self.constants)
-        if tracer is not None:
-            for t in leaves:
-                if t.shape[0] == seed:
-                    tracer.seed(t, Batched(0, seed, 1))
-        self._reset()
-        capture = self.capture
-        capture.begin(tracer)
-        modes = (capture, tracer) if tracer is not None else (capture,)
+        tracer = None
         try:
-            with torch.enable_grad(), _Modes(modes):
-                outputs, targets = self.forward(self.model, batch)
-                outputs = self.objective.outputs(outputs)
-            self.objective.check(outputs, targets)  # outside the modes: its tensor queries would all be intercepted
-            with torch.enable_grad(), _Modes(modes):
-                variants = self.objective.variants(outputs, targets)
-                losses = [loss(outputs, targets, extra) for loss, extra in variants]
+            tracer, outputs, targets, variants, losses = self._forward(batch, leaves, seed)
             for value in losses:
                 check_losses(value, outputs, index)
             size = losses[0].shape[0] if losses else 0
@@ -215,7 +231,7 @@ class ImportancePass:
             fallback = [n for n in self.selected if n in self.fallback or n in self.failed]
             del losses
             self.live = False
-            capture.begin(None)
+            self.capture.begin(None)
             if fallback:
                 self._fallback({n: reasons[n] for n in fallback}, batch, size, variants)
         finally:
@@ -224,8 +240,99 @@ class ImportancePass:
             self._reset()
         return size, counted
 
-    def check_finite(self, batches: int) -> None:
-        """Raise, naming the parameters, if an importance is not finite (one summing pass over each)."""
+    def _forward(self, batch, leaves, seed) -> tuple:
+        """The forward and the per-sample losses under the capture: ``(tracer, outputs, targets, variants, losses)``.
+
+        A batch of one sample needs no tracer (everything is that sample). Otherwise the tracer
+        tags the batch's tensors, or, when an earlier batch of the same shapes left a record, the
+        record is replayed without it (:mod:`.recording`); a replay that diverges is traced again.
+        """
+        self.script = None
+        if seed in (None, 1):
+            return (None, *self._phases(batch, None, None))
+        key = (self.selection, batch_key(leaves)) if self.replay else None  # tags name the selected parameters
+        script = self.scripts.get(key) if key is not None else None
+        if script is not None:
+            tracer = self._tracer(leaves, seed)
+            player = Player(script, tracer)
+            try:
+                result = self._phases(batch, tracer, player)
+                if not player.diverged:
+                    self.script = script
+                    return (tracer, *result)
+            except Diverged:
+                pass
+            except BaseException:
+                tracer.release()
+                raise
+            tracer.release()
+            self._reset()
+            self.divergences[key] += 1
+            del self.scripts[key]
+            if self.divergences[key] >= _MAX_DIVERGENCES:
+                self.scripts[key] = None  # this forward does not repeat itself: trace every batch
+        tracer = self._tracer(leaves, seed)
+        recorder = Recorder(tracer) if key is not None and key not in self.scripts else None
+        try:
+            result = self._phases(batch, tracer, recorder)
+        except BaseException:
+            tracer.release()
+            raise
+        if recorder is not None:
+            self.scripts[key] = self.script = recorder.script()
+            while len(self.scripts) > _MAX_SCRIPTS:
+                old = next(iter(self.scripts))
+                dropped = self.scripts.pop(old)
+                self.divergences.pop(old, None)
+                if dropped is not None:
+                    self.plans.pop(id(dropped), None)
+        return (tracer, *result)
+
+    def _tracer(self, leaves, seed) -> Tracer:
+        tracer = Tracer(self.tracked, self.constants)
+        for t in leaves:
+            if t.shape[0] == seed:
+                tracer.seed(t, Batched(0, seed, 1))
+        return tracer
+
+    def _phases(self, batch, tracer, steps) -> tuple:
+        """Run the forward, check the outputs, run the losses: ``(outputs, targets, variants, losses)``."""
+        self._reset()
+        capture = self.capture
+        capture.begin(tracer, steps)
+        modes = (capture, tracer) if tracer is not None and not isinstance(steps, Player) else (capture,)
+        with torch.enable_grad(), _Modes(modes):
+            outputs, targets = self.forward(self.model, batch)
+            outputs = self.objective.outputs(outputs)
+            if steps is not None:
+                steps.end_phase()
+        self.objective.check(outputs, targets)  # outside the modes: its tensor queries would all be intercepted
+        with torch.enable_grad(), _Modes(modes):
+            variants = self.objective.variants(outputs, targets)
+            losses = [loss(outputs, targets, extra) for loss, extra in variants]
+            if steps is not None:
+                steps.end_phase()
+        return outputs, targets, variants, losses
+
+    def check_finite(self, batches: int, scale: int | None = None) -> bool:
+        """Raise, naming the parameters, if an importance is not finite (one pass over each).
+
+        ``scale``: the sample count, when the caller divides by it next. For float32 accumulators
+        on one device the pass divides too (one fused ``x · (1/scale)`` per element, within an ulp of
+        ``x / scale``); returns whether it did.
+        """
+        tensors = [self.acc[n] for n in self.selected]
+        if (scale is not None and all(t.dtype == torch.float32 for t in tensors)
+                and len({t.device for t in tensors}) == 1):
+            found = torch.zeros(1, device=tensors[0].device)
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.full((1,), 1.0 / scale, device=found.device))
+            if bool(found):
+                self._find_non_finite(batches)  # raises, naming them
+            return True
+        self._find_non_finite(batches)
+        return False
+
+    def _find_non_finite(self, batches: int) -> None:
         by_device = defaultdict(list)
         for n in self.selected:
             by_device[self.acc[n].device].append(n)
@@ -245,6 +352,21 @@ class ImportancePass:
     def _plan(self, losses, tracer, seed, size) -> dict[str, str]:
         capture = self.capture
         self.uses_by_key = {u.key: u for u in capture.uses}
+        script = self.script
+        cached = self.plans.get(id(script)) if script is not None else None
+        if cached is not None and cached[0] is script and cached[1] == self.selected:
+            # A replayed batch: the records, tags and sizes the plan derives from are the recorded ones.
+            _, _, reasons, self.fallback, self.active, self.immediate, tied = cached
+            self.tied = {n: [self.uses_by_key[k] for k in keys] for n, keys in tied.items()}
+            return dict(reasons)
+        reasons = self._decide(losses, tracer, seed, size)
+        if script is not None:
+            self.plans[id(script)] = (script, list(self.selected), dict(reasons), self.fallback, self.active, self.immediate,
+                                      {n: [u.key for u in uses] for n, uses in self.tied.items()})
+        return reasons
+
+    def _decide(self, losses, tracer, seed, size) -> dict[str, str]:
+        capture = self.capture
         reasons: dict[str, str] = {}
         if tracer is None:
             if size != 1:
@@ -287,8 +409,8 @@ class ImportancePass:
 
     def _find_tied(self, sources) -> None:
         """Parameters used by one batched linear map and batched embeddings only (a tied LM head)."""
-        from .rules.embedding import EmbeddingRule
-
+        if not any(isinstance(u.rule, EmbeddingRule) for u in self.capture.uses):
+            return
         uses = defaultdict(list)
         for use in self.capture.uses:
             for slot in self.active.get(use.key, ()):
@@ -348,7 +470,7 @@ class ImportancePass:
                 if name in self.tied_rows:
                     self._finish_tied(name, items)
                 else:
-                    accumulate(items, self.acc[name], self.power)
+                    self._accumulate(name, items)
             self.stash.clear()
             self.buffers.clear()
             self.tied_rows.clear()
@@ -356,13 +478,22 @@ class ImportancePass:
             if name in snapshot:
                 self.acc[name].copy_(snapshot[name])
 
+    def _accumulate(self, name, items) -> None:
+        """``acc[name] += Σ_b |Σ_items ∇ℓ_b|^p``; the first write into an accumulator assigns (no zero-fill)."""
+        out, fresh = self.acc.take_fresh(name)
+        if fresh and assign(items, out, self.power):
+            return
+        if fresh:
+            out.zero_()
+        accumulate(items, out, self.power)
+
     def _collect(self, name, contribution) -> None:
         if name in self.fallback or name in self.failed:
             return
         if isinstance(contribution, torch.Tensor):
             contribution = Dense(contribution.reshape(contribution.shape[0], -1).to(self.acc[name].dtype))
         if name in self.immediate:
-            accumulate([contribution], self.acc[name], self.power)
+            self._accumulate(name, [contribution])
         elif name in self.tied and type(contribution) is Factored and not self.stash.get(name):
             self._fold_tied(name, contribution)
         else:
@@ -443,9 +574,9 @@ class ImportancePass:
         for leaf, version in zip(b.leaves, b.versions):
             if isinstance(leaf, torch.Tensor) and version is not None and leaf._version != version:
                 raise _Failed("an input was modified in place after the call")
-        if b.kind == "add":
+        if b.op == "add":
             return [_sum_to(grad * b.scale if b.scale != 1 else grad, b.z_tag, b.sources[0].shape)]
-        if b.kind == "mul":
+        if b.op == "mul":
             return [_sum_to(grad * b.other, b.z_tag, b.sources[0].shape)]
         return self._vjp(b, grad)
 
@@ -548,6 +679,8 @@ class ImportancePass:
         params = {self.runner_path[n]: self.by_name[n] for n in names}
         acc = {self.runner_path[n]: self.acc[n] for n in names}
         had_loop = self.fallback_state.get("use_loop", False)
+        if self.runner is None:
+            self.runner = Runner(self.model, self.forward)
         per_sample_accumulate(self.runner, params, batch, size, variants, acc, self.power, self.fallback_state,
                               self.objective.output_fn)
         if self.fallback_state.get("use_loop") and not had_loop:

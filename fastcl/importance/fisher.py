@@ -20,7 +20,8 @@ For parameters ``θ`` and samples ``x_1 … x_N`` (all counted rows of all batch
 
 Engine (:mod:`.engine`): one ordinary forward and backward per batch (per class for
 ``"exact"``). Every tensor is tagged with the dimension that carries the samples, from where
-it came from (:mod:`.provenance`), never from its sizes; every use of a parameter by a
+it came from (:mod:`.provenance`), never from its sizes (batches that repeat a traced forward
+call for call replay its tags, :mod:`.recording`); every use of a parameter by a
 recognised op (:mod:`.rules`: linear, ``addmm`` / ``@`` with a weight, conv1d/2d/3d,
 embedding, layer/RMS/group/batch norm, and the projections inside multi-head attention)
 runs a rule that turns (input, output gradient) into ``Σ_n |∂ℓ_n/∂θ|^p`` with
@@ -65,6 +66,7 @@ from ..distributed import (
     local_shard,
 )
 from .batches import default_forward
+from .contributions import Accumulators
 from .engine import ImportancePass, PerSampleFallbackWarning
 from .objectives import IGNORE_INDEX, FisherObjective, MASObjective
 
@@ -217,7 +219,9 @@ def _run(model, data, objective, power, max_samples, forward, params, verbose, d
         raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be callable, got {type(forward).__name__}")
-    groups = data_parallel_groups(model)  # before unwrapping: DDP's group lives on the wrapper
+    # before unwrapping: DDP's group lives on the wrapper (no process group: neither DDP nor DTensors exist)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    groups = data_parallel_groups(model) if distributed else ()
     base = unwrap_model(model)
     named = _canonical_parameters(base)
     by_name = dict(named)
@@ -225,8 +229,8 @@ def _run(model, data, objective, power, max_samples, forward, params, verbose, d
     raw_names = {canonical_name(raw): raw for raw, _ in base.named_parameters()}
     device = _model_device(base)
     # full-size accumulators, also for FSDP2 (DTensor) parameters: see _reduce
-    acc = {n: torch.zeros(by_name[n].shape, dtype=acc_dtype(by_name[n].dtype), device=by_name[n].device)
-           for n in selected}
+    acc = Accumulators({n: torch.empty(by_name[n].shape, dtype=acc_dtype(by_name[n].dtype), device=by_name[n].device)
+                        for n in selected})
     sharded = any(is_dtensor(by_name[n]) for n in selected)
     pass_ = ImportancePass(base, selected, by_name, raw_names, acc, objective, power, forward or default_forward,
                            forward is None, device)
@@ -272,7 +276,8 @@ def _run(model, data, objective, power, max_samples, forward, params, verbose, d
             by_name[n].requires_grad_(flag)
         for m, mode in modes.items():
             m.training = mode
-    pass_.check_finite(index + 1 if seen else 0)
+    # One rank: the division by the sample count goes into the finiteness pass.
+    scaled = pass_.check_finite(index + 1 if seen else 0, scale=counted if not groups and counted else None)
     seen, counted = _agree(groups, seen, counted)
     if seen == 0:
         raise ValueError("data yielded no samples: the importance needs at least one batch with one sample")
@@ -281,7 +286,7 @@ def _run(model, data, objective, power, max_samples, forward, params, verbose, d
             f"every sample's targets are the ignore index {IGNORE_INDEX}: no sample has a label, so the Fisher "
             "is undefined (it would be all zeros)"
         )
-    return _reduce(acc, selected, by_name, counted, groups)
+    return _reduce(acc, selected, by_name, 1 if scaled else counted, groups)
 
 
 def _agree(groups, seen: int, counted: int, failed: bool = False) -> tuple[int, int]:
@@ -321,7 +326,7 @@ def _reduce(acc, selected, by_name, count, groups):
         if is_dtensor(p):
             out[n] = as_dtensor_like(local_shard(total, p).clone().div_(count), p)
         else:
-            out[n] = total.div_(count)
+            out[n] = total.div_(count) if count != 1 else total
         del total
     return out
 

@@ -19,6 +19,7 @@ the per-sample squared error ``loss_fn=lambda out, y: 0.5 * (out - y).square().f
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -36,7 +37,7 @@ _OUTPUT_HELP = (
 
 
 def _float_logits(outputs: torch.Tensor) -> torch.Tensor:
-    return outputs if outputs.dtype == torch.float64 else outputs.float()
+    return outputs if outputs.dtype in (torch.float32, torch.float64) else outputs.float()
 
 
 def _describe(outputs) -> str:
@@ -107,7 +108,8 @@ def _check_labels(outputs, targets) -> bool:
 
 def _cross_entropy(outputs, targets, extra):
     """Default empirical loss: ``−log softmax(outputs)[y]`` with integer labels (``-100``: no loss)."""
-    return F.cross_entropy(_float_logits(outputs), targets.long(), reduction="none", ignore_index=IGNORE_INDEX)
+    labels = targets if targets.dtype == torch.long else targets.long()
+    return F.cross_entropy(_float_logits(outputs), labels, reduction="none", ignore_index=IGNORE_INDEX)
 
 
 def _sampled_cross_entropy(outputs, targets, labels):
@@ -219,6 +221,10 @@ def check_losses(losses, outputs, batch_index):
         )
     if not losses.is_floating_point():
         raise ValueError(f"per-sample losses must be floating point, got {losses.dtype} in batch {batch_index}")
+    # One summing pass carries any NaN/inf (a finite total proves every loss finite; an overflowing
+    # total only pays for the element-wise check).
+    if math.isfinite(float(losses.detach().sum())):
+        return
     finite = torch.isfinite(losses.detach())
     if not bool(finite.all()):
         bad = (~finite).nonzero().flatten()[:5].tolist()

@@ -68,7 +68,7 @@ def per_sample(t: torch.Tensor, tag: Batched) -> torch.Tensor:
     d, n, inner = tag
     outer = t.shape[d] // (n * inner)
     if outer == 1 and inner == 1:
-        return t.movedim(d, 0).unsqueeze(d + 1)
+        return t.unsqueeze(1) if d == 0 else t.movedim(d, 0).unsqueeze(d + 1)
     return t.unflatten(d, (outer, n, inner)).movedim(d + 1, 0).flatten(d + 1, d + 2)
 
 
@@ -450,10 +450,17 @@ def _align(tag, t_ndim, out_shape, t_shape, what):
     return Batched(d, tag.n, tag.inner)
 
 
+# How many tags were derived from tensor *values* rather than from metadata and provenance (a
+# shared tensor constant along the samples, an index equal to arange(n)). A forward whose tags
+# read values is never replayed (:mod:`.recording`): the next batch could read other values.
+VALUE_READS = [0]
+
+
 def _constant_along(t: torch.Tensor, d: int) -> bool:
     """Whether ``t`` is the same along dim ``d`` (size 1, expanded, or equal values)."""
     if d < 0 or t.shape[d] == 1 or t.stride(d) == 0 or t.numel() == 0:
         return True
+    VALUE_READS[0] += 1
     return bool(torch.equal(t, t.narrow(d, 0, 1).expand_as(t)))
 
 
@@ -542,11 +549,21 @@ def _view(tracer, func, args, kwargs, out):
     return _reshape_tag(tag, args[0].shape, out.shape)
 
 
-def _view_dtype(tracer, func, args, kwargs, out):
-    tag = tracer.tag(args[0])
-    if isinstance(tag, Batched) and tag.dim == args[0].dim() - 1 and out.shape[-1] != args[0].shape[-1]:
-        return Unknown("a dtype view that resizes the sample dim")
-    return tag
+def _unknown_if(mixes, why):
+    """Rule of ops that keep the input's layout unless ``mixes(tag, args, kwargs, out)`` says they touch the
+    sample dim of a batched input (then ``Unknown(why)``, ``{func}`` filled in)."""
+
+    def rule(tracer, func, args, kwargs, out):
+        tag = tracer.tag(args[0])
+        if isinstance(tag, Batched) and mixes(tag, args, kwargs, out):
+            return Unknown(why.format(func=func))
+        return tag
+
+    return rule
+
+
+_view_dtype = _unknown_if(lambda tag, args, kwargs, out: tag.dim == args[0].dim() - 1 and out.shape[-1] != args[0].shape[-1],
+                          "a dtype view that resizes the sample dim")
 
 
 def _permute(tracer, func, args, kwargs, out):
@@ -625,26 +642,24 @@ def _select(tracer, func, args, kwargs, out):
     return tag._replace(dim=tag.dim - (dim < tag.dim))
 
 
-def _split(tracer, func, args, kwargs, out):
-    tag = tracer.tag(args[0])
-    count = len(out)
-    if not isinstance(tag, Batched):
-        return [tag] * count
-    dim = _wrap(_arg(args, kwargs, 2, "dim", 0), args[0].dim())
-    if dim == tag.dim and count > 1:
-        return [Unknown("a split of the sample dim")] * count
-    return [tag] * count
+def _pieces(dim_index, what, keeps_dim):
+    """``split`` (pieces keep ``dim``) and ``unbind`` (drops it): fine unless they cut the sample dim."""
+
+    def rule(tracer, func, args, kwargs, out):
+        tag = tracer.tag(args[0])
+        count = len(out)
+        if not isinstance(tag, Batched):
+            return [tag] * count
+        dim = _wrap(_arg(args, kwargs, dim_index, "dim", 0), args[0].dim())
+        if dim == tag.dim and (count > 1 or not keeps_dim):
+            return [Unknown(f"{what} of the sample dim")] * count
+        return [tag if keeps_dim else tag._replace(dim=tag.dim - (dim < tag.dim))] * count
+
+    return rule
 
 
-def _unbind(tracer, func, args, kwargs, out):
-    tag = tracer.tag(args[0])
-    count = len(out)
-    if not isinstance(tag, Batched):
-        return [tag] * count
-    dim = _wrap(_arg(args, kwargs, 1, "dim", 0), args[0].dim())
-    if dim == tag.dim:
-        return [Unknown("unbind of the sample dim")] * count
-    return [tag._replace(dim=tag.dim - (dim < tag.dim))] * count
+_split = _pieces(2, "a split", keeps_dim=True)
+_unbind = _pieces(1, "unbind", keeps_dim=False)
 
 
 def _keep_unless_dims(dims_index, name="dims"):
@@ -790,19 +805,10 @@ def _pad(n_padded_index=None):
     return rule
 
 
-def _last_two(tracer, func, args, kwargs, out):
-    """tril / triu act on the last two dims."""
-    tag = tracer.tag(args[0])
-    if isinstance(tag, Batched) and tag.dim >= args[0].dim() - 2:
-        return Unknown(f"{func} over the sample dim")
-    return tag
-
-
-def _unfold(tracer, func, args, kwargs, out):
-    tag = tracer.tag(args[0])
-    if isinstance(tag, Batched) and _wrap(_arg(args, kwargs, 1, "dimension"), args[0].dim()) == tag.dim:
-        return Unknown("unfold of the sample dim")
-    return tag
+# tril / triu act on the last two dims; unfold on one
+_last_two = _unknown_if(lambda tag, args, kwargs, out: tag.dim >= args[0].dim() - 2, "{func} over the sample dim")
+_unfold = _unknown_if(lambda tag, args, kwargs, out: _wrap(_arg(args, kwargs, 1, "dimension"), args[0].dim()) == tag.dim,
+                      "unfold of the sample dim")
 
 
 def _diagonal(tracer, func, args, kwargs, out):
@@ -925,6 +931,7 @@ def _arange_axis(ix, n, k):
     if len(axes) != 1 or sizes[axes[0]] != n:
         return None
     expected = torch.arange(n, device=ix.device, dtype=ix.dtype)
+    VALUE_READS[0] += 1
     return axes[0] if torch.equal(ix.reshape(-1), expected) else None
 
 
@@ -1029,10 +1036,11 @@ def _attention(tracer, func, args, kwargs, out):
     return result
 
 
-def _leading(n_inner_dims_of):
-    """Batch-style ops on ``[N, C, *spatial]`` (pooling, upsampling, im2col): samples on a non-spatial dim.
+def _leading(n_inner_dims_of, what="mixes the sample dim"):
+    """Ops that mix the trailing dims of their first input and keep the leading ones: pooling,
+    upsampling (``[N, C, *spatial]``), layer norms (``[*, *normalized_shape]``).
 
-    ``n_inner_dims_of(func, x)``: how many trailing dims the op mixes.
+    ``n_inner_dims_of(args, kwargs)``: how many trailing dims the op mixes.
     """
 
     def rule(tracer, func, args, kwargs, out):
@@ -1042,8 +1050,8 @@ def _leading(n_inner_dims_of):
             return _default(tracer, func, args, kwargs, out)
         if _any_batched(tags[1:]):
             return _default(tracer, func, args, kwargs, out)
-        if tag.dim >= args[0].dim() - n_inner_dims_of(func, args[0]):
-            return Unknown(f"{func} mixes the sample dim")
+        if tag.dim >= args[0].dim() - n_inner_dims_of(args, kwargs):
+            return Unknown(f"{func} {what}")
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return [tag for o in outs if isinstance(o, torch.Tensor)]
 
@@ -1051,7 +1059,7 @@ def _leading(n_inner_dims_of):
 
 
 def _spatial(k):
-    return lambda func, x: k
+    return lambda args, kwargs: k
 
 
 def _conv(tracer, func, args, kwargs, out):
@@ -1075,20 +1083,8 @@ def _im2col(tracer, func, args, kwargs, out):
 
 
 def _layer_norm(norm_shape_index):
-    def rule(tracer, func, args, kwargs, out):
-        x = args[0]
-        tags = _inputs(tracer, args, kwargs)
-        tag = tags[0]
-        if not isinstance(tag, Batched):
-            return _default(tracer, func, args, kwargs, out)
-        if _any_batched(tags[1:]):
-            return _default(tracer, func, args, kwargs, out)
-        normalized = len(_arg(args, kwargs, norm_shape_index, "normalized_shape"))
-        if tag.dim >= x.dim() - normalized:
-            return Unknown(f"{func} normalises over the sample dim")
-        return [tag for o in out if isinstance(o, torch.Tensor)]
-
-    return rule
+    return _leading(lambda args, kwargs: len(_arg(args, kwargs, norm_shape_index, "normalized_shape")),
+                    "normalises over the sample dim")
 
 
 def _group_norm(tracer, func, args, kwargs, out):
@@ -1173,12 +1169,9 @@ def _channelwise(tracer, func, args, kwargs, out):
     return tag
 
 
-def _glu(tracer, func, args, kwargs, out):
-    """``glu(x, dim)`` halves ``dim``: fine unless it is the sample dim."""
-    tag = tracer.tag(args[0])
-    if isinstance(tag, Batched) and _wrap(_arg(args, kwargs, 1, "dim", -1), args[0].dim()) == tag.dim:
-        return Unknown("glu along the sample dim")
-    return tag
+# glu(x, dim) halves dim: fine unless it is the sample dim
+_glu = _unknown_if(lambda tag, args, kwargs, out: _wrap(_arg(args, kwargs, 1, "dim", -1), args[0].dim()) == tag.dim,
+                   "glu along the sample dim")
 
 
 def _rnn(tracer, func, args, kwargs, out):

@@ -203,11 +203,16 @@ def causal_lm_per_sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> 
     if S < 2:
         return logits.sum(dim=(1, 2)).to(acc) * 0.0
     shifted = targets[:, 1:]
-    counted = shifted[shifted != IGNORE_INDEX]
-    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= V):
-        raise ValueError(
-            f"targets must be token ids in [0, {V}) or {IGNORE_INDEX} (no loss), got {int(counted.min())} to {int(counted.max())}"
-        )
+    # Checked with shape-stable ops, and not under torch.func transforms (the Fisher's exact
+    # fallback vmaps this loss): a value-dependent branch cannot run there, and cross_entropy
+    # itself refuses an out-of-range id.
+    if not torch._C._are_functorch_transforms_active():
+        out_of_range = (shifted != IGNORE_INDEX) & ((shifted < 0) | (shifted >= V))
+        if bool(out_of_range.any()):
+            bad = shifted[out_of_range]
+            raise ValueError(
+                f"targets must be token ids in [0, {V}) or {IGNORE_INDEX} (no loss), got {int(bad.min())} to {int(bad.max())}"
+            )
     nll = F.cross_entropy(
         logits[:, :-1, :].reshape(-1, V).to(acc), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     ).view(B, S - 1)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from fastcl.importance import canonical_name
+from fastcl.importance import PerSampleFallbackWarning, canonical_name
 
 
 def float64_copy(model):
@@ -110,3 +111,30 @@ def vmap_importance(model, batches, sample_loss, power=2):
                 out[canon[n]] += (g.square() if power == 2 else g.abs()).sum(0).double()
         count += batch[0].shape[0]
     return {n: v / count for n, v in out.items()}
+
+
+# --------------------------------------------------------------------------- batching and warnings
+
+
+def in_batches(x, y, sizes):
+    """``[(x, y)]`` in consecutive batches of ``sizes`` rows."""
+    out, start = [], 0
+    for s in sizes:
+        out.append((x[start:start + s], y[start:start + s]))
+        start += s
+    return out
+
+
+def no_fallback(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, failing on any :class:`PerSampleFallbackWarning`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerSampleFallbackWarning)
+        return fn(*args, **kwargs)
+
+
+def with_fallback_warnings(fn, *args, **kwargs):
+    """``(fn(*args, **kwargs), [the messages of its PerSampleFallbackWarnings])``."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = fn(*args, **kwargs)
+    return out, [str(w.message) for w in record if issubclass(w.category, PerSampleFallbackWarning)]

@@ -7,33 +7,16 @@ fallback: these are the common cases the rules exist for.
 """
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcl.importance import PerSampleFallbackWarning, diagonal_fisher, mas_importance
+from fastcl.importance import diagonal_fisher, mas_importance
 
-from . import models
-from .reference import (
-    assert_matches,
-    cross_entropy_loss,
-    exact_fisher,
-    float64_copy,
-    mas_loss,
-    per_sample_importance,
-    split,
-    vmap_importance,
-)
+from . import models, reference
 
 STEPS = 6
 
-
-def _no_fallback(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PerSampleFallbackWarning)
-        return fn(*args, **kwargs)
 
 
 def _case(name, gen):
@@ -52,19 +35,12 @@ def _case(name, gen):
         raise AssertionError(name)
     classes = STEPS if name == "parameter_through_a_layer" else 3
     y = torch.randint(0, classes, (x.shape[0],), generator=gen)
-    return float64_copy(model), x, y, [8, STEPS]  # 14 samples: the last batch (6) collides
+    return reference.float64_copy(model), x, y, [8, STEPS]  # 14 samples: the last batch (6) collides
 
 
 CASES = ["embedding_positions", "parameter_positions", "shared_table_into_linear", "parameter_through_a_layer",
          "sequence_first_T_equals_B"]
 
-
-def _batches(x, y, sizes):
-    out, start = [], 0
-    for s in sizes:
-        out.append((x[start:start + s], y[start:start + s]))
-        start += s
-    return out
 
 
 @pytest.mark.parametrize("objective", ["empirical", "mas", "exact"])
@@ -73,20 +49,20 @@ def test_collision_matches_loop_and_vmap(case, objective):
     gen = torch.Generator().manual_seed(CASES.index(case) * 10 + ["empirical", "mas", "exact"].index(objective))
     torch.manual_seed(CASES.index(case))
     model, x, y, sizes = _case(case, gen)
-    batches = _batches(x, y, sizes)
+    batches = reference.in_batches(x, y, sizes)
     if objective == "empirical":
-        got = _no_fallback(diagonal_fisher, model, batches)
-        refs = [per_sample_importance(model, split(x, y), cross_entropy_loss),
-                vmap_importance(model, batches, cross_entropy_loss)]
+        got = reference.no_fallback(diagonal_fisher, model, batches)
+        refs = [reference.per_sample_importance(model, reference.split(x, y), reference.cross_entropy_loss),
+                reference.vmap_importance(model, batches, reference.cross_entropy_loss)]
     elif objective == "mas":
-        got = _no_fallback(mas_importance, model, [b for b, _ in batches])
-        refs = [per_sample_importance(model, split(x), mas_loss, power=1),
-                vmap_importance(model, [(b,) for b, _ in batches], mas_loss, power=1)]
+        got = reference.no_fallback(mas_importance, model, [b for b, _ in batches])
+        refs = [reference.per_sample_importance(model, reference.split(x), reference.mas_loss, power=1),
+                reference.vmap_importance(model, [(b,) for b, _ in batches], reference.mas_loss, power=1)]
     else:
-        got = _no_fallback(diagonal_fisher, model, [b for b, _ in batches], kind="exact")
-        refs = [exact_fisher(model, split(x))]
+        got = reference.no_fallback(diagonal_fisher, model, [b for b, _ in batches], kind="exact")
+        refs = [reference.exact_fisher(model, reference.split(x))]
     for ref in refs:
-        assert_matches(got, ref, rtol=1e-8, atol=1e-13)
+        reference.assert_matches(got, ref, rtol=1e-8, atol=1e-13)
 
 
 def test_true_kind_draws_the_same_labels_as_a_loop():
@@ -99,15 +75,15 @@ def test_true_kind_draws_the_same_labels_as_a_loop():
     with torch.no_grad():
         for b in batches:
             labels.append(torch.multinomial(torch.softmax(model(b), -1), 1).squeeze(1))
-    ref = per_sample_importance(model, split(x, torch.cat(labels)), cross_entropy_loss)
+    ref = reference.per_sample_importance(model, reference.split(x, torch.cat(labels)), reference.cross_entropy_loss)
     torch.manual_seed(7)
-    assert_matches(_no_fallback(diagonal_fisher, model, batches, kind="true"), ref)
+    reference.assert_matches(reference.no_fallback(diagonal_fisher, model, batches, kind="true"), ref)
 
 
 # --------------------------------------------------------------------------- Hugging Face, batch == sequence
 
 
-def _lm_batches(vocab, gen, masked):
+def _lmbatches(vocab, gen, masked):
     ids = torch.randint(0, vocab, (16, 8), generator=gen)  # batches of 8 sequences of 8 tokens
     mask = torch.ones_like(ids)
     if masked:
@@ -117,22 +93,22 @@ def _lm_batches(vocab, gen, masked):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_hugging_face_causal_lm_at_batch_equal_to_sequence_needs_no_fallback(arch):
+def test_hugging_face_causal_lm_at_batch_equal_to_sequence_needsno_fallback(arch):
     pytest.importorskip("transformers")
     from fastcl.integrations.hf import causal_lm_forward, causal_lm_per_sequence_loss, causal_lm_targets
 
     torch.manual_seed(31)
     model = (models.tiny_gpt2() if arch == "gpt2" else models.tiny_llama()).double().eval()
     gen = torch.Generator().manual_seed(32)
-    ids, mask = _lm_batches(40, gen, masked=True)
+    ids, mask = _lmbatches(40, gen, masked=True)
     batches = [{"input_ids": ids[:8], "attention_mask": mask[:8]}, {"input_ids": ids[8:], "attention_mask": mask[8:]}]
 
     def sequence_loss(model, ids, mask):
         batch = {"input_ids": ids, "attention_mask": mask}
         return causal_lm_per_sequence_loss(model(**batch, use_cache=False).logits, causal_lm_targets(batch))[0]
 
-    got = _no_fallback(diagonal_fisher, model, batches, causal_lm_per_sequence_loss, forward=causal_lm_forward)
-    assert_matches(got, per_sample_importance(model, split(ids, mask), sequence_loss))
+    got = reference.no_fallback(diagonal_fisher, model, batches, causal_lm_per_sequence_loss, forward=causal_lm_forward)
+    reference.assert_matches(got, reference.per_sample_importance(model, reference.split(ids, mask), sequence_loss))
     if arch == "gpt2":
         # the position table is the parameter a size-based guess got wrong at B == T
         assert got["transformer.wpe.weight"].abs().max() > 0
@@ -140,9 +116,9 @@ def test_hugging_face_causal_lm_at_batch_equal_to_sequence_needs_no_fallback(arc
         def unmasked_loss(model, ids):
             return causal_lm_per_sequence_loss(model(input_ids=ids, use_cache=False).logits, ids)[0]
 
-        got = _no_fallback(diagonal_fisher, model, [{"input_ids": ids[:8]}], causal_lm_per_sequence_loss,
+        got = reference.no_fallback(diagonal_fisher, model, [{"input_ids": ids[:8]}], causal_lm_per_sequence_loss,
                            forward=causal_lm_forward)
-        assert_matches(got, vmap_importance(model, [(ids[:8],)], unmasked_loss))
+        reference.assert_matches(got, reference.vmap_importance(model, [(ids[:8],)], unmasked_loss))
 
 
 def test_hugging_face_mas_at_batch_equal_to_sequence():
@@ -154,8 +130,8 @@ def test_hugging_face_mas_at_batch_equal_to_sequence():
     def logits_norm(model, ids):
         return model(input_ids=ids, use_cache=False).logits.square().sum()
 
-    got = _no_fallback(mas_importance, model, [ids], output_fn=lambda out: out.logits)
-    assert_matches(got, per_sample_importance(model, split(ids), logits_norm, power=1))
+    got = reference.no_fallback(mas_importance, model, [ids], output_fn=lambda out: out.logits)
+    reference.assert_matches(got, reference.per_sample_importance(model, reference.split(ids), logits_norm, power=1))
 
 
 def test_float32_model_at_batch_equal_to_sequence():
@@ -163,9 +139,9 @@ def test_float32_model_at_batch_equal_to_sequence():
     gen = torch.Generator().manual_seed(41)
     torch.manual_seed(42)
     model, x, y, sizes = _case("embedding_positions", gen)
-    got = _no_fallback(diagonal_fisher, model.float(), _batches(x, y, sizes))
-    ref = per_sample_importance(model.double(), split(x, y), cross_entropy_loss)
-    assert_matches(got, ref, rtol=2e-4, atol=1e-7)
+    got = reference.no_fallback(diagonal_fisher, model.float(), reference.in_batches(x, y, sizes))
+    ref = reference.per_sample_importance(model.double(), reference.split(x, y), reference.cross_entropy_loss)
+    reference.assert_matches(got, ref, rtol=2e-4, atol=1e-7)
     assert all(v.dtype == torch.float32 for v in got.values())
 
 
@@ -173,7 +149,7 @@ def test_cross_entropy_of_logits_flattened_over_positions():
     """A loss that reshapes ``[B, T, C]`` logits to ``[B·T, C]`` and back: the samples survive the merge."""
     gen = torch.Generator().manual_seed(43)
     torch.manual_seed(44)
-    model = float64_copy(torch.nn.Sequential(torch.nn.Embedding(11, 6), torch.nn.Linear(6, 5)))
+    model = reference.float64_copy(torch.nn.Sequential(torch.nn.Embedding(11, 6), torch.nn.Linear(6, 5)))
     x = torch.randint(0, 11, (STEPS, STEPS), generator=gen)
     y = torch.randint(0, 5, (STEPS, STEPS), generator=gen)
 
@@ -183,5 +159,5 @@ def test_cross_entropy_of_logits_flattened_over_positions():
     def sample_loss(model, x, y):
         return loss_fn(model(x), y).sum()
 
-    got = _no_fallback(diagonal_fisher, model, [(x, y)], loss_fn)
-    assert_matches(got, per_sample_importance(model, split(x, y), sample_loss))
+    got = reference.no_fallback(diagonal_fisher, model, [(x, y)], loss_fn)
+    reference.assert_matches(got, reference.per_sample_importance(model, reference.split(x, y), sample_loss))

@@ -6,8 +6,6 @@ use whose result depends on a sample's position in the batch must take the exact
 """
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,36 +13,18 @@ from torch import nn
 
 from fastcl.importance import PerSampleFallbackWarning, diagonal_fisher, mas_importance
 
-from .reference import (
-    assert_matches,
-    cross_entropy_loss,
-    float64_copy,
-    mas_loss,
-    per_sample_importance,
-    split,
-)
+from . import reference
 
 CLASSES = 3
 
 
-def _batches(x, y, sizes):
-    out, start = [], 0
-    for s in sizes:
-        out.append((x[start:start + s], y[start:start + s]))
-        start += s
-    return out
-
-
-def _no_fallback(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PerSampleFallbackWarning)
-        return fn(*args, **kwargs)
 
 
 def _fisher_matches(model, x, y, sizes, rtol=1e-8, atol=1e-12, params=None):
-    ref = per_sample_importance(float64_copy(model), split(x.double(), y), cross_entropy_loss)
-    got = _no_fallback(diagonal_fisher, model, _batches(x, y, sizes), params=params)
-    assert_matches(got, ref, rtol=rtol, atol=atol, names=params)
+    ref = reference.per_sample_importance(reference.float64_copy(model), reference.split(x.double(), y),
+                                          reference.cross_entropy_loss)
+    got = reference.no_fallback(diagonal_fisher, model, reference.in_batches(x, y, sizes), params=params)
+    reference.assert_matches(got, ref, rtol=rtol, atol=atol, names=params)
     for name in got:
         assert ref[name].abs().max() > 0, name  # every parameter is exercised
     return got
@@ -118,7 +98,7 @@ class Elementwise(nn.Module):
 def test_hf_style_rms_norm(shape):
     gen = torch.Generator().manual_seed(1)
     torch.manual_seed(2)
-    model = float64_copy(NormNet())
+    model = reference.float64_copy(NormNet())
     x = torch.randn(*shape, generator=gen, dtype=torch.float64)
     y = torch.randint(0, CLASSES, (shape[0],), generator=gen)
     _fisher_matches(model, x, y, [4, 2])
@@ -129,7 +109,7 @@ def test_hf_style_rms_norm(shape):
 def test_parameter_times_or_plus_activation(how, batched_shape):
     gen = torch.Generator().manual_seed(3)
     torch.manual_seed(4)
-    model = float64_copy(Elementwise(how, (6,)))
+    model = reference.float64_copy(Elementwise(how, (6,)))
     x = torch.randn(*batched_shape, generator=gen, dtype=torch.float64)
     y = torch.randint(0, CLASSES, (batched_shape[0],), generator=gen)
     sizes = [batched_shape[0] - 3, 1, 2]  # a batch of one takes the ("all",) layout
@@ -142,7 +122,7 @@ def test_parameter_shapes_broadcasting_along_leading_dims(how, shape):
     """Scalar-like parameters, leading size-1 dims (even more dims than ``x``), ``w [T, H]``."""
     gen = torch.Generator().manual_seed(5)
     torch.manual_seed(6)
-    model = float64_copy(Elementwise(how, shape))
+    model = reference.float64_copy(Elementwise(how, shape))
     x = torch.randn(5, 3, 5, generator=gen, dtype=torch.float64)
     y = torch.randint(0, CLASSES, (5,), generator=gen)
     _fisher_matches(model, x, y, [3, 2])
@@ -181,12 +161,12 @@ class Reused(nn.Module):
 def test_parameter_used_several_times_sums_before_squaring():
     gen = torch.Generator().manual_seed(9)
     torch.manual_seed(10)
-    model = float64_copy(Reused())
+    model = reference.float64_copy(Reused())
     x = torch.randn(7, 3, 5, generator=gen, dtype=torch.float64)
     y = torch.randint(0, CLASSES, (7,), generator=gen)
     _fisher_matches(model, x, y, [4, 3])
-    mas_ref = per_sample_importance(model, split(x), mas_loss, power=1)
-    assert_matches(_no_fallback(mas_importance, model, [x[:4], x[4:]]), mas_ref)
+    mas_ref = reference.per_sample_importance(model, reference.split(x), reference.mas_loss, power=1)
+    reference.assert_matches(reference.no_fallback(mas_importance, model, [x[:4], x[4:]]), mas_ref)
 
 
 class SeqFirst(nn.Module):
@@ -234,9 +214,9 @@ def test_seq_first_layouts(steps):
     torch.manual_seed(12)
     x = torch.randn(7, steps, 5, generator=gen, dtype=torch.float64)
     y = torch.randint(0, CLASSES, (7,), generator=gen)
-    _fisher_matches(float64_copy(SeqFirstEncoder()), x, y, [2, 5])
+    _fisher_matches(reference.float64_copy(SeqFirstEncoder()), x, y, [2, 5])
     if steps != 5:  # without a seq-first module, T == B cannot be told apart from shapes
-        _fisher_matches(float64_copy(SeqFirst()), x, y, [2, 5])
+        _fisher_matches(reference.float64_copy(SeqFirst()), x, y, [2, 5])
 
 
 # --------------------------------------------------------------------------- fallback cases
@@ -317,14 +297,14 @@ def test_parameter_spanning_the_batch_takes_the_fallback():
     """
     gen = torch.Generator().manual_seed(13)
     torch.manual_seed(14)
-    model = float64_copy(PerRowParameter(rows=4))
+    model = reference.float64_copy(PerRowParameter(rows=4))
     x = torch.randn(4, 5, generator=gen, dtype=torch.float64)
     y = torch.randint(0, CLASSES, (4,), generator=gen)
     # only ``w``: the other layers' batched and single-sample semantics differ in this model
-    ref = per_sample_importance(model, split(x, y), cross_entropy_loss)
+    ref = reference.per_sample_importance(model, reference.split(x, y), reference.cross_entropy_loss)
     with pytest.warns(PerSampleFallbackWarning, match="w .*position in the batch"):
-        got = diagonal_fisher(model, _batches(x, y, [4]), params=["w"])
-    assert_matches(got, ref, names=["w"])
+        got = diagonal_fisher(model, reference.in_batches(x, y, [4]), params=["w"])
+    reference.assert_matches(got, ref, names=["w"])
 
 
 @pytest.mark.parametrize("model_cls, shape", [(MiddleBroadcast, (5, 3, 5)), (InPlace, (5, 5))],
@@ -333,7 +313,7 @@ def test_other_elementwise_uses_are_exact_without_fallback(model_cls, shape):
     """``w [C, 1] * x [B, C, L]`` and ``h.mul_(w)``, ``h += b``: followed to where they meet the batch."""
     gen = torch.Generator().manual_seed(15)
     torch.manual_seed(16)
-    model = float64_copy(model_cls())
+    model = reference.float64_copy(model_cls())
     x = torch.randn(*shape, generator=gen, dtype=torch.float64)
     y = torch.randint(0, CLASSES, (shape[0],), generator=gen)
     _fisher_matches(model, x, y, [3, 2])
@@ -343,7 +323,7 @@ def test_product_of_two_parameters_and_an_untracked_one():
     """``a * b`` (both tracked), ``scale * frozen`` with ``frozen`` (4 rows == B) left out of the pass."""
     gen = torch.Generator().manual_seed(19)
     torch.manual_seed(20)
-    model = float64_copy(TwoParameters(rows=4))
+    model = reference.float64_copy(TwoParameters(rows=4))
     x = torch.randn(4, 5, generator=gen, dtype=torch.float64)
     y = torch.randint(0, CLASSES, (4,), generator=gen)
     _fisher_matches(model, x, y, [4], params=["a", "b", "scale", "head.weight", "head.bias"])

@@ -8,23 +8,7 @@ import torch
 
 from fastcl.importance import PerSampleFallbackWarning, diagonal_fisher, mas_importance
 
-from . import models
-from .reference import (
-    assert_matches,
-    cross_entropy_loss,
-    float64_copy,
-    mas_loss,
-    per_sample_importance,
-    split,
-)
-
-
-def _batches(x, y, sizes):
-    out, start = [], 0
-    for s in sizes:
-        out.append((x[start:start + s], y[start:start + s]))
-        start += s
-    return out
+from . import models, reference
 
 
 def _case(name, gen):
@@ -62,42 +46,35 @@ ARCHS = ["cnn", "conv1d", "conv3d", "transformer_batch_first", "transformer_seq_
 def test_empirical_fisher_matches_per_sample_loop(arch):
     gen = torch.Generator().manual_seed(ARCHS.index(arch))
     model, x, y, sizes = _case(arch, gen)
-    model = float64_copy(model)
+    model = reference.float64_copy(model)
     if x.is_floating_point():
         x = x.double()
-    ref = per_sample_importance(model, split(x, y), cross_entropy_loss)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PerSampleFallbackWarning)  # every layer here has a rule
-        got = diagonal_fisher(model, _batches(x, y, sizes))
-    assert_matches(got, ref)
+    ref = reference.per_sample_importance(model, reference.split(x, y), reference.cross_entropy_loss)
+    got = reference.no_fallback(diagonal_fisher, model, reference.in_batches(x, y, sizes))  # every layer here has a rule
+    reference.assert_matches(got, ref)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mas_matches_per_sample_loop(arch):
     gen = torch.Generator().manual_seed(100 + ARCHS.index(arch))
     model, x, y, sizes = _case(arch, gen)
-    model = float64_copy(model)
+    model = reference.float64_copy(model)
     if x.is_floating_point():
         x = x.double()
-    ref = per_sample_importance(model, split(x), mas_loss, power=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PerSampleFallbackWarning)
-        got = mas_importance(model, [xb for xb, _ in _batches(x, y, sizes)])
-    assert_matches(got, ref)
+    ref = reference.per_sample_importance(model, reference.split(x), reference.mas_loss, power=1)
+    got = reference.no_fallback(mas_importance, model, [xb for xb, _ in reference.in_batches(x, y, sizes)])
+    reference.assert_matches(got, ref)
 
 
 @pytest.mark.parametrize("cell", ["gru", "rnn"])
 def test_recurrent_layers_use_the_fallback_with_a_warning(cell):
     gen = torch.Generator().manual_seed(7)
-    model = float64_copy(models.Recurrent(cell))
+    model = reference.float64_copy(models.Recurrent(cell))
     x = torch.randn(6, 5, 4, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (6,), generator=gen)
-    ref = per_sample_importance(model, split(x, y), cross_entropy_loss)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        got = diagonal_fisher(model, [(x[:4], y[:4]), (x[4:], y[4:])])
-    assert_matches(got, ref)
-    fallback = [str(w.message) for w in record if issubclass(w.category, PerSampleFallbackWarning)]
+    ref = reference.per_sample_importance(model, reference.split(x, y), reference.cross_entropy_loss)
+    got, fallback = reference.with_fallback_warnings(diagonal_fisher, model, [(x[:4], y[:4]), (x[4:], y[4:])])
+    reference.assert_matches(got, ref)
     named = [m for m in fallback if "no per-sample rule" in m]
     assert len(named) == 1  # once per call, not once per batch
     for p in ("rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0"):
@@ -109,20 +86,20 @@ def test_recurrent_layers_use_the_fallback_with_a_warning(cell):
 def test_tied_weights_and_repeated_module(direct):
     """Tied embedding/head (sparse + factored per sample), a Linear called twice, ``h * scale.exp()``."""
     gen = torch.Generator().manual_seed(11)
-    model = float64_copy(models.TiedLM(direct=direct))
+    model = reference.float64_copy(models.TiedLM(direct=direct))
     assert model.head.weight is model.emb.weight
     x = torch.randint(0, 11, (7, 3), generator=gen)
     x[1, 0] = x[1, 2]  # repeated token within a sample
     y = torch.randint(0, 11, (7,), generator=gen)
-    ref = per_sample_importance(model, split(x, y), cross_entropy_loss)
+    ref = reference.per_sample_importance(model, reference.split(x, y), reference.cross_entropy_loss)
     assert "head.weight" not in ref  # tied: one entry, under the first name
     batches = [(x[:5], y[:5]), (x[5:], y[5:])]
     with warnings.catch_warnings():
         warnings.simplefilter("error", PerSampleFallbackWarning)  # exp(scale) is followed to where it meets the batch
         got = diagonal_fisher(model, batches)
-        assert_matches(got, ref)
-        mas_ref = per_sample_importance(model, split(x), mas_loss, power=1)
-        assert_matches(mas_importance(model, [x[:5], x[5:]]), mas_ref)
+        reference.assert_matches(got, ref)
+        mas_ref = reference.per_sample_importance(model, reference.split(x), reference.mas_loss, power=1)
+        reference.assert_matches(mas_importance(model, [x[:5], x[5:]]), mas_ref)
 
 
 def test_linear_with_sequence_dims_and_inplace_output():
@@ -141,11 +118,11 @@ def test_linear_with_sequence_dims_and_inplace_output():
             h.relu_()
             return self.b(self.ln(h)).sum(1)
 
-    model = float64_copy(Seq())
+    model = reference.float64_copy(Seq())
     x = torch.randn(5, 4, 6, generator=gen, dtype=torch.float64)[..., :5]  # non-contiguous
     y = torch.randint(0, 3, (5,), generator=gen)
-    ref = per_sample_importance(model, split(x, y), cross_entropy_loss)
-    assert_matches(diagonal_fisher(model, [(x[:2], y[:2]), (x[2:], y[2:])]), ref)
+    ref = reference.per_sample_importance(model, reference.split(x, y), reference.cross_entropy_loss)
+    reference.assert_matches(diagonal_fisher(model, [(x[:2], y[:2]), (x[2:], y[2:])]), ref)
 
 
 class _Attention(torch.nn.Module):
@@ -174,15 +151,13 @@ class _Attention(torch.nn.Module):
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_multihead_attention_direct(cross, batch_first):
     gen = torch.Generator().manual_seed(21)
-    model = float64_copy(_Attention(cross, batch_first))
+    model = reference.float64_copy(_Attention(cross, batch_first))
     x = torch.randn(5, 4, 6, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (5,), generator=gen)
-    ref = per_sample_importance(model, split(x, y), cross_entropy_loss)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        got = diagonal_fisher(model, [(x[:4], y[:4]), (x[4:], y[4:])])
-    assert_matches(got, ref)
-    text = " ".join(str(w.message) for w in record if issubclass(w.category, PerSampleFallbackWarning))
+    ref = reference.per_sample_importance(model, reference.split(x, y), reference.cross_entropy_loss)
+    got, fallback = reference.with_fallback_warnings(diagonal_fisher, model, [(x[:4], y[:4]), (x[4:], y[4:])])
+    reference.assert_matches(got, ref)
+    text = " ".join(fallback)
     assert text == ""  # cross-attention splits the packed weight: followed to where each part meets the batch
 
 
@@ -203,10 +178,8 @@ def test_convolution_with_asymmetric_same_padding_groups_and_unbatched_shared_in
             h = self.conv(x) + self.conv(self.pattern)  # the second call: an unbatched input shared by all samples
             return self.head(torch.tanh(h).flatten(2).mean(2))
 
-    model = float64_copy(Net())
+    model = reference.float64_copy(Net())
     x = torch.randn(5, 4, *(7,) * nd, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (5,), generator=gen)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PerSampleFallbackWarning)
-        got = diagonal_fisher(model, [(x[:3], y[:3]), (x[3:], y[3:])])
-    assert_matches(got, per_sample_importance(model, split(x, y), cross_entropy_loss))
+    got = reference.no_fallback(diagonal_fisher, model, [(x[:3], y[:3]), (x[3:], y[3:])])
+    reference.assert_matches(got, reference.per_sample_importance(model, reference.split(x, y), reference.cross_entropy_loss))

@@ -119,6 +119,11 @@ def arg(args, kwargs, i, name, default=None):
     return kwargs.get(name, default)
 
 
+def leading(args, kwargs, *names) -> tuple:
+    """The first arguments of a call by their positions or names (``None`` when absent)."""
+    return tuple(arg(args, kwargs, i, name) for i, name in enumerate(names))
+
+
 def ntuple(v, n):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 

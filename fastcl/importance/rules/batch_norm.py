@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..._dtypes import acc_dtype
 from ..contributions import Dense
-from .base import Call, Rule, arg
+from .base import Call, Rule, arg, leading
 
 
 class BatchNormRule(Rule):
@@ -18,8 +18,7 @@ class BatchNormRule(Rule):
     has_forward = True
 
     def parse(self, args, kwargs):
-        x = arg(args, kwargs, 0, "input")
-        mean, var = arg(args, kwargs, 1, "running_mean"), arg(args, kwargs, 2, "running_var")
+        x, mean, var = leading(args, kwargs, "input", "running_mean", "running_var")
         if arg(args, kwargs, 5, "training", False) or mean is None or var is None:
             return "batch norm with batch statistics couples the samples"
         if not isinstance(x, torch.Tensor) or x.dim() < 2:

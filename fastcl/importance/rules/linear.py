@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..._dtypes import acc_dtype
 from ..contributions import Dense, Factored
-from .base import Call, Rule, arg, flat_features, sum_middle
+from .base import Call, Rule, flat_features, leading, sum_middle
 
 
 class LinearRule(Rule):
@@ -18,8 +18,7 @@ class LinearRule(Rule):
     has_forward = True
 
     def parse(self, args, kwargs):
-        x = arg(args, kwargs, 0, "input")
-        w, b = arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
+        x, w, b = leading(args, kwargs, "input", "weight", "bias")
         if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() != 2:
             return None
         return Call(x, {"weight": w, "bias": b}, {})
@@ -32,9 +31,10 @@ class LinearRule(Rule):
 
     def contributions(self, call, x, g, saved, slots):
         x3, g3 = flat_features(x, 1), flat_features(g, 1)
+        weight = Factored(x3, g3)
         out = {}
         if "weight" in slots:
-            out["weight"] = Factored(x3, g3)
+            out["weight"] = weight
         if "bias" in slots:
-            out["bias"] = Dense(sum_middle(g3.to(acc_dtype(g3.dtype))))
+            out["bias"] = Dense(sum_middle(g3.to(acc_dtype(g3.dtype))), of=weight)  # shares |g|^p with the weight
         return out
