@@ -21,13 +21,14 @@ and differs only in where ``w`` comes from. Two ways to combine tasks t = 1..T:
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 
 from .._names import named_parameters
-from .._validate import check_int, check_real
+from .._validate import check_real
 from ..distributed import all_reduce_sum, local_tensor, shard_groups, shard_like
+from ..importance.fisher import check_data
 from .base import AnchoredRegularizer, agree, value_problem
 
 __all__ = ["ImportanceRegularizer", "MODES"]
@@ -147,21 +148,13 @@ class ImportanceRegularizer(AnchoredRegularizer):
         self._commit(anchors, stored, constant if self.mode == "separate" else 0.0)
 
     def _estimate(self, estimator, data, *, max_samples, verbose, **options) -> dict:
-        """``estimator(model, data, ...)`` after checking the shared ``consolidate`` arguments.
+        """``estimator(model, data, ...)`` (:func:`fastcl.diagonal_fisher` or :func:`fastcl.importance.mas_importance`).
 
         A ``RuntimeError`` raised while the model runs on the data (an input the model cannot
         take: wrong width, dtype, device) becomes a ``ValueError`` naming ``data`` and the
         batch it came from, with the original chained. Nothing is changed on any error.
         """
-        if data is None or isinstance(data, (str, bytes)) or not (isinstance(data, Iterable) or hasattr(data, "__getitem__")):
-            raise TypeError(
-                f"data must be an iterable of batches (a DataLoader, or a list of (inputs, targets) tuples), "
-                f"got {type(data).__name__}"
-            )
-        if max_samples is not None:
-            max_samples = check_int(max_samples, "max_samples", low=1)
-        if verbose is not None and not isinstance(verbose, bool):
-            raise TypeError(f"verbose must be True, False or None (show a progress bar on a terminal), got {verbose!r}")
+        check_data(data)  # before wrapping it; the estimator checks the other arguments
         batches = _CountedBatches(data)
         try:
             return estimator(self.model, batches, max_samples=max_samples, verbose=verbose, **options)
