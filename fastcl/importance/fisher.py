@@ -165,7 +165,7 @@ def mas_importance(
     return _run(model, data, MASObjective(output_fn), 1, max_samples, forward, params, verbose, "MAS")
 
 
-def check_data(data) -> None:
+def _check_data(data) -> None:
     """``data`` must be an iterable of batches (``TypeError`` naming ``data`` otherwise)."""
     if data is None or isinstance(data, (str, bytes)) or not (isinstance(data, Iterable) or hasattr(data, "__getitem__")):
         raise TypeError(
@@ -224,7 +224,7 @@ def _model_device(model):
 def _run(model, data, objective, power, max_samples, forward, params, verbose, desc):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_data(data)
+    _check_data(data)
     if max_samples is not None:
         max_samples = check_int(max_samples, "max_samples", low=1)
     if verbose is not None and not isinstance(verbose, bool):

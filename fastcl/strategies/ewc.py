@@ -72,12 +72,13 @@ class EWC(ImportanceRegularizer):
         ``loss_fn(outputs, targets)`` must return per-sample losses (default: cross-entropy
         on logits). ``max_samples``, ``forward``, ``verbose`` and any other keyword go to
         :func:`fastcl.diagonal_fisher`. On any error (empty data, non-finite loss or
-        Fisher) nothing changes.
+        Fisher; a batch the model cannot run is a ``ValueError`` naming ``data`` and the
+        batch) nothing changes.
         """
         if self.top_k is not None:
             fisher_options.setdefault("top_k", self.top_k)
-        fisher = self._estimate(diagonal_fisher, data, loss_fn=loss_fn, kind=self.fisher_kind, max_samples=max_samples,
-                                forward=forward, verbose=verbose, **fisher_options)
+        fisher = diagonal_fisher(self.model, data, loss_fn=loss_fn, kind=self.fisher_kind, max_samples=max_samples,
+                                 forward=forward, verbose=verbose, **fisher_options)
         self.fold(fisher)
 
     @property

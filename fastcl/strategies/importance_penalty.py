@@ -28,7 +28,6 @@ import torch
 from .._names import named_parameters
 from .._validate import check_real
 from ..distributed import all_reduce_sum, local_tensor, shard_groups, shard_like
-from ..importance.fisher import check_data
 from .base import AnchoredRegularizer, agree, value_problem
 
 __all__ = ["ImportanceRegularizer", "MODES"]
@@ -147,26 +146,6 @@ class ImportanceRegularizer(AnchoredRegularizer):
         agree(problem, sharded_groups.values())
         self._commit(anchors, stored, constant if self.mode == "separate" else 0.0)
 
-    def _estimate(self, estimator, data, *, max_samples, verbose, **options) -> dict:
-        """``estimator(model, data, ...)`` (:func:`fastcl.diagonal_fisher` or :func:`fastcl.importance.mas_importance`).
-
-        A ``RuntimeError`` raised while the model runs on the data (an input the model cannot
-        take: wrong width, dtype, device) becomes a ``ValueError`` naming ``data`` and the
-        batch it came from, with the original chained. Nothing is changed on any error.
-        """
-        check_data(data)  # before wrapping it; the estimator checks the other arguments
-        batches = _CountedBatches(data)
-        try:
-            return estimator(self.model, batches, max_samples=max_samples, verbose=verbose, **options)
-        except RuntimeError as error:
-            if batches.count == 0:
-                raise
-            where = "the first batch" if batches.count == 1 else f"batch {batches.count - 1} (counting from 0)"
-            raise ValueError(
-                f"data: the model's forward (or the loss) failed on {where}; do the batches match the model's "
-                f"inputs (shape, dtype, device)? State left unchanged. {type(error).__name__}: {error}"
-            ) from error
-
     def state_dict(self) -> dict:
         return {**super().state_dict(), "mode": self.mode, "decay": self.decay}
 
@@ -176,21 +155,6 @@ class ImportanceRegularizer(AnchoredRegularizer):
             raise ValueError(f"state_dict was saved in mode={state['mode']!r}, this {type(self).__name__} uses mode={self.mode!r}")
         new["decay"] = _check_decay(state["decay"], self.mode, "state_dict['decay']")
         return new
-
-
-class _CountedBatches:
-    """``data`` as it is iterated, counting the batches handed out (``len`` passes through)."""
-
-    def __init__(self, data):
-        self.data, self.count = data, 0
-
-    def __iter__(self):
-        for batch in self.data:
-            self.count += 1
-            yield batch
-
-    def __len__(self) -> int:
-        return len(self.data)
 
 
 def _check_decay(decay, mode: str, name: str = "decay") -> float:

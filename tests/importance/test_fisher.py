@@ -440,3 +440,12 @@ def test_empty_batches_are_skipped(fn):
         got = mas_importance(model, [empty, (x, y), empty])
         ref = reference.per_sample_importance(model, reference.split(x), reference.mas_loss, power=1)
     reference.assert_matches(got, ref)
+
+
+@pytest.mark.parametrize("fn", [diagonal_fisher, mas_importance])
+def test_a_batch_the_model_cannot_run_names_data_and_the_batch(fn):
+    good, wrong = _data(3, dtype=torch.float32), _data(3, d_in=5, dtype=torch.float32)  # the MLP takes width 7
+    for batches, where in (([wrong], "the first batch"), ([good, good, wrong], "batch 2")):
+        with pytest.raises(ValueError, match=f"data: the model's forward failed on {where}") as info:
+            fn(models.mlp(), batches)
+        assert isinstance(info.value.__cause__, RuntimeError)

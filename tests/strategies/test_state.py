@@ -385,7 +385,7 @@ def test_consolidate_with_inputs_the_model_cannot_take_names_data_and_the_batch(
     batches = [good, wrong] if batch else [wrong, good]
     where = "batch 1" if batch else "the first batch"
     assert_unchanged(reg, lambda: reg.consolidate(batches, verbose=False), ValueError,
-                     f"data: the model's forward .* failed on {where}")
+                     f"data: the model's forward failed on {where}")
     with pytest.raises(ValueError) as info:
         reg.consolidate(batches, verbose=False)
     assert isinstance(info.value.__cause__, RuntimeError)
