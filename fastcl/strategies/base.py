@@ -403,6 +403,11 @@ class AnchoredRegularizer:
         parameters count in the value but receive no gradient. While :meth:`attach`\\ ed,
         only the value is returned (the optimizer's hook adds the gradient).
 
+        Second order: after ``backward(create_graph=True)`` (a ``.grad`` that requires grad)
+        it raises ``ValueError`` before touching anything, as does an attached step: the
+        fused gradient is a constant and would drop the penalty's second-order terms. Use
+        ``loss + reg.penalty()``, which supports ``create_graph=True``.
+
         DDP: call it after ``backward()`` (gradients already averaged); every rank adds the
         same term. FSDP2: each rank writes its shard's gradient into the local tensor of
         ``p.grad`` (a DTensor) and the returned value is global (summed over the shards).
@@ -459,10 +464,13 @@ class AnchoredRegularizer:
 
     @staticmethod
     def _refuse_graph_grads(resolved: tuple, members: frozenset[int] | None) -> None:
-        """Refuse a ``.grad`` that requires grad (``backward(create_graph=True)``) before anything is written."""
+        """Refuse a ``.grad`` that requires grad (``backward(create_graph=True)``) before anything is written.
+
+        ``ValueError``, like the other gradients the fused op cannot take (sparse ones: ``TypeError``).
+        """
         for name, p in zip(resolved[0], resolved[1]):
             if p.requires_grad and p.grad is not None and p.grad.requires_grad and (members is None or id(p) in members):
-                raise RuntimeError(
+                raise ValueError(
                     f"the .grad of {name!r} requires grad (backward(create_graph=True)): the fused path adds a constant "
                     "gradient, which would silently drop the penalty's second-order terms. Add reg.penalty() to the "
                     "loss instead (it supports create_graph=True); nothing was changed"
