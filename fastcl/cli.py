@@ -55,6 +55,9 @@ _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number", "a positive finite number")
 _non_negative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0", "a finite number >= 0")
+_FLOAT32_MAX = 3.4028234663852886e38  # the kernels compute in float32: a strength beyond it becomes inf
+_strength = _number(float, lambda v: math.isfinite(v) and 0 <= v <= _FLOAT32_MAX, "a number >= 0",
+                    f"a finite number >= 0 that fits in float32 (<= {_FLOAT32_MAX:.4g})")
 
 
 def _build_parser() -> tuple[_Parser, _Parser]:
@@ -103,9 +106,10 @@ def _build_parser() -> tuple[_Parser, _Parser]:
     )
     demo.add_argument(
         "--sweep-factors",
-        default=",".join(f"{f:g}" for f in SWEEP_FACTORS),
+        default=None,
         metavar="LIST",
-        help="comma-separated multiples of each default strength for --sweep-strength (default: %(default)s)",
+        help="comma-separated multiples of each default strength for --sweep-strength only "
+        f"(default: {','.join(f'{f:g}' for f in SWEEP_FACTORS)})",
     )
     demo.add_argument("--json", metavar="PATH", help="write the results, the configuration, versions and backends as JSON")
     demo.add_argument(
@@ -136,9 +140,11 @@ def _fastcl_version() -> str:
 def _parse_strategies(parser: _Parser, text: str) -> list[str]:
     from .demo import STRATEGIES
 
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    if not names:
+    names = [s.strip() for s in text.split(",")]
+    if not any(names):
         parser.error("--strategies is empty")
+    if not all(names):
+        parser.error(f"--strategies {text!r} has an empty entry (two commas in a row, or one at an end)")
     unknown = [s for s in names if s not in STRATEGIES]
     if unknown:
         parser.error(f"unknown strategy {', '.join(map(repr, unknown))} in --strategies; choose from {','.join(STRATEGIES)}")
@@ -193,13 +199,19 @@ def _parse_strengths(parser: _Parser, items: Sequence[str]) -> dict[str, float]:
         if base not in REGULARIZERS:
             parser.error(f"--strength {item!r}: {name!r} has no strength; choose from {','.join(REGULARIZERS)}")
         try:
-            out[base] = _non_negative_float(value)
+            out[base] = _strength(value)
         except argparse.ArgumentTypeError as exc:
             parser.error(f"--strength {item!r}: {exc}")
     return out
 
 
-def _parse_factors(parser: _Parser, text: str) -> list[float]:
+def _parse_factors(parser: _Parser, text: str | None, sweep: bool) -> list[float]:
+    from .demo import SWEEP_FACTORS
+
+    if text is None:
+        return list(SWEEP_FACTORS)
+    if not sweep:
+        parser.error("--sweep-factors applies to --sweep-strength only; add --sweep-strength or drop --sweep-factors")
     try:
         factors = [_positive_float(v) for v in text.split(",") if v.strip()]
     except argparse.ArgumentTypeError as exc:
@@ -220,7 +232,7 @@ def _run_demo(args: argparse.Namespace, parser: _Parser) -> int:
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     json_path = None if args.json is None else _check_output_path(parser, "--json", args.json, (".json",))
     plot_path = None if args.plot is None else _check_output_path(parser, "--plot", args.plot, _PLOT_SUFFIXES)
-    factors = _parse_factors(parser, args.sweep_factors)
+    factors = _parse_factors(parser, args.sweep_factors, args.sweep_strength)
     if args.sweep_strength:
         requested = [s for s in strategies if s in REGULARIZERS]
         if args.strategies == ",".join(STRATEGIES):  # the default: every regularizer

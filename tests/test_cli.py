@@ -37,7 +37,11 @@ BAD_DEMO_ARGS = [
     (["--strength", "ewc"], "expected STRATEGY=VALUE"),
     (["--strength", "finetune=3"], "has no strength"),
     (["--strength", "ewc=nan"], "--strength"),
-    (["--sweep-factors", "1,-2"], "--sweep-factors"),
+    (["--sweep-strength", "--sweep-factors", "1,-2"], "--sweep-factors: expected a positive"),
+    (["--sweep-factors", "1,2"], "--sweep-factors applies to --sweep-strength only"),
+    (["--strategies", "ewc,,si"], "--strategies 'ewc,,si' has an empty entry"),
+    (["--strategies", "ewc,"], "has an empty entry"),
+    (["--strength", "ewc=1e39"], "--strength 'ewc=1e39': expected a finite number >= 0 that fits in float32"),
     (["--sweep-strength", "--strategies", "finetune,freeze"], "needs regularizers"),
     (["--bogus"], "unrecognized arguments"),
 ]

@@ -51,6 +51,14 @@ from .rules.embedding import EmbeddingRule
 
 __all__ = ["ImportancePass", "PerSampleFallbackWarning"]
 
+
+class _ModelRaised(Exception):
+    """``forward(model, batch)`` raised ``original`` (a RuntimeError); :meth:`ImportancePass.batch` names the batch."""
+
+    def __init__(self, original: RuntimeError):
+        super().__init__(str(original))
+        self.original = original
+
 # Per-sample buffers of shared inputs and directly used parameters, [B, numel] each: above
 # this, the parameter takes the fallback (which bounds its memory by chunking samples).
 DENSE_LIMIT_BYTES = 256 * 2**20
@@ -203,7 +211,15 @@ class ImportancePass:
         seed = leaves[0].shape[0] if leaves else None
         tracer = None
         try:
-            tracer, outputs, targets, variants, losses = self._forward(batch, leaves, seed)
+            try:
+                tracer, outputs, targets, variants, losses = self._forward(batch, leaves, seed)
+            except _ModelRaised as raised:
+                error = raised.original
+                where = "the first batch" if index == 0 else f"batch {index} (counting from 0)"
+                raise ValueError(
+                    f"data: the model's forward failed on {where}; do the batches match the model's inputs "
+                    f"(shape, dtype, device)? {type(error).__name__}: {error}"
+                ) from error
             for value in losses:
                 check_losses(value, outputs, index)
             size = losses[0].shape[0] if losses else 0
@@ -302,7 +318,10 @@ class ImportancePass:
         capture.begin(tracer, steps)
         modes = (capture, tracer) if tracer is not None and not isinstance(steps, Player) else (capture,)
         with torch.enable_grad(), _Modes(modes):
-            outputs, targets = self.forward(self.model, batch)
+            try:
+                outputs, targets = self.forward(self.model, batch)
+            except RuntimeError as error:
+                raise _ModelRaised(error) from error
             outputs = self.objective.outputs(outputs)
             if steps is not None:
                 steps.end_phase()

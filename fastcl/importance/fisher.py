@@ -57,6 +57,7 @@ from torch import nn
 
 from .._dtypes import acc_dtype
 from .._names import _canonical_parameters, canonical_name, unwrap_model
+from .._validate import check_int
 from ..distributed import (
     all_reduce_sum,
     as_dtensor_like,
@@ -137,8 +138,7 @@ def diagonal_fisher(
     if top_k is not None:
         if kind != "exact":
             raise ValueError(f'top_k is only meaningful with kind="exact", got kind={kind!r}')
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+        top_k = check_int(top_k, "top_k", low=1)
     _check_output_fn(output_fn)
     objective = FisherObjective(kind, loss_fn, top_k, output_fn)
     return _run(model, data, objective, 2, max_samples, forward, params, verbose, desc)
@@ -163,6 +163,15 @@ def mas_importance(
     """
     _check_output_fn(output_fn)
     return _run(model, data, MASObjective(output_fn), 1, max_samples, forward, params, verbose, "MAS")
+
+
+def _check_data(data) -> None:
+    """``data`` must be an iterable of batches (``TypeError`` naming ``data`` otherwise)."""
+    if data is None or isinstance(data, (str, bytes)) or not (isinstance(data, Iterable) or hasattr(data, "__getitem__")):
+        raise TypeError(
+            f"data must be an iterable of batches (a DataLoader, or a list of (inputs, targets) tuples), "
+            f"got {type(data).__name__}"
+        )
 
 
 def _check_output_fn(output_fn) -> None:
@@ -215,8 +224,13 @@ def _model_device(model):
 def _run(model, data, objective, power, max_samples, forward, params, verbose, desc):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
-        raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
+    _check_data(data)
+    if max_samples is not None:
+        max_samples = check_int(max_samples, "max_samples", low=1)
+    if verbose is not None and not isinstance(verbose, bool):
+        raise TypeError(f"verbose must be True, False or None (a progress bar only on a terminal), got {verbose!r}")
+    if not isinstance(desc, str):
+        raise TypeError(f"desc must be a str (the progress bar's label), got {type(desc).__name__}")
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be callable, got {type(forward).__name__}")
     # before unwrapping: DDP's group lives on the wrapper (no process group: neither DDP nor DTensors exist)

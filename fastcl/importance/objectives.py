@@ -73,6 +73,11 @@ def _check_labels(outputs, targets) -> bool:
         )
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor of class indices, got {type(targets).__name__}")
+    if targets.dtype == torch.bool:
+        raise TypeError(
+            "targets are torch.bool: the default loss is the cross-entropy of integer class indices; convert "
+            "binary labels with targets.long() (classes 0 and 1), or pass loss_fn= returning per-sample losses [B]"
+        )
     if targets.is_floating_point() or targets.is_complex():
         raise TypeError(
             f"targets are {targets.dtype}: the default loss is the cross-entropy of class indices. For regression "
@@ -123,7 +128,8 @@ def _weighted_neg_log_prob(outputs, targets, extra):
 
 
 def _squared_output_norm(outputs, targets, extra):
-    return _float_logits(outputs).reshape(outputs.shape[0], -1).square().sum(1)
+    # explicit width, not -1: an empty batch [0, ...] has no width to infer (it is then skipped)
+    return _float_logits(outputs).reshape(outputs.shape[0], math.prod(outputs.shape[1:])).square().sum(1)
 
 
 class _UserLoss:

@@ -164,10 +164,30 @@ def choose_backend(op: str, device: torch.device | str, dtype: torch.dtype = tor
     raise BackendUnavailableError(f"no backend can run {op} on {device} ({dtype})")
 
 
+def _checked_device(device) -> torch.device:
+    """``device`` (a ``torch.device``, a device string or an ordinal) as a ``torch.device``; errors name ``device``."""
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool) or not isinstance(device, (str, int)):
+        raise TypeError(f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"device={device!r} is not a device (expected e.g. 'cpu', 'cuda', 'cuda:0'): {error}") from error
+
+
+def _checked_dtype(dtype) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {type(dtype).__name__} {dtype!r}")
+    return dtype
+
+
 def op_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, BackendStatus]:
     """For each op, the :class:`BackendStatus` of the backend :func:`choose_backend` picks on
     ``device``/``dtype``; when it cannot run the op, ``available`` is false with the reason
-    (``name``: the forced backend, or ``None`` when no backend can)."""
+    (``name``: the forced backend, or ``None`` when no backend can). A ``device`` that is
+    no device raises ``ValueError``, a ``dtype`` that is no ``torch.dtype`` ``TypeError``."""
+    device, dtype = _checked_device(device), _checked_dtype(dtype)
     statuses = {}
     for op in OPS:
         try:
@@ -192,7 +212,7 @@ def backend_info(device: torch.device | str = "cpu", dtype: torch.dtype = torch.
 
 def backend_status(device: torch.device | str = "cpu") -> dict[str, BackendStatus]:
     """For each backend, whether it can run on ``device`` at all, with the reason when not (for ``fastcl info``)."""
-    device = torch.device(device)
+    device = _checked_device(device)
     status = {}
     for backend in BACKENDS:
         mod, reason = _load(backend)

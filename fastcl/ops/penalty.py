@@ -8,7 +8,12 @@ Math (``t`` indexes tensors, ``k`` elements, ``s`` = ``scale``)::
 
 with ``form="quadratic"``: φ(d) = d²/2, φ'(d) = d, and ``form="l1"``: φ(d) = |d|,
 φ'(d) = sign(d) (0 at d = 0). ``w`` is the importance (Fisher, MAS, SI); ``weights=None``
-means w = 1 (L2-SP / L1-SP). So EWC's ``(λ/2)·Σ F(θ−θ*)²`` is ``scale=λ, w=F``, L2-SP's
+means w = 1 (L2-SP / L1-SP). A penalty is non-negative: ``scale`` must be ≥ 0 (checked,
+``ValueError``) and the weights must be ≥ 0. The weights' sign is *not* checked here:
+that would cost a full pass over them on every call, where validation is otherwise cached
+per list. The strategies check importance once, when it enters their state
+(consolidation, ``fold``, ``load_state_dict``); callers passing their own weights must
+keep them non-negative. So EWC's ``(λ/2)·Σ F(θ−θ*)²`` is ``scale=λ, w=F``, L2-SP's
 ``(λ/2)·Σ(θ−θ*)²`` is ``scale=λ, weights=None`` and L1-SP's ``λ·Σ|θ−θ*|`` is
 ``scale=λ, form="l1"``.
 
@@ -498,7 +503,7 @@ def _run(plan: _Plan, params, anchors, weights, grads, addresses, scale: float, 
 def _checked_scalars(scale, form) -> float:
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    return check_real(scale, "scale")
+    return check_real(scale, "scale", low=0.0)  # s < 0 would turn the penalty into a reward
 
 
 def penalty(

@@ -199,6 +199,9 @@ class AnchoredRegularizer:
     uses_importance = True
     consolidation_input: str | None = None
     requires_optimizer = False
+    #: every key :meth:`state_dict` writes; :meth:`load_state_dict` requires them all
+    #: (``"kind"``, the earlier spelling of ``"form"``, is accepted in its place)
+    state_keys: tuple[str, ...] = ("type", "strength", "form", "num_consolidations", "constant", "anchors", "importance")
 
     def __init__(self, model: torch.nn.Module, strength: float, *, storage_dtype: torch.dtype = torch.float32):
         if not isinstance(model, torch.nn.Module):
@@ -400,6 +403,11 @@ class AnchoredRegularizer:
         parameters count in the value but receive no gradient. While :meth:`attach`\\ ed,
         only the value is returned (the optimizer's hook adds the gradient).
 
+        Second order: after ``backward(create_graph=True)`` (a ``.grad`` that requires grad)
+        it raises ``ValueError`` before touching anything, as does an attached step: the
+        fused gradient is a constant and would drop the penalty's second-order terms. Use
+        ``loss + reg.penalty()``, which supports ``create_graph=True``.
+
         DDP: call it after ``backward()`` (gradients already averaged); every rank adds the
         same term. FSDP2: each rank writes its shard's gradient into the local tensor of
         ``p.grad`` (a DTensor) and the returned value is global (summed over the shards).
@@ -422,7 +430,9 @@ class AnchoredRegularizer:
         value only. Returns the (unscaled) penalty value. New ``.grad`` tensors are only
         assigned once the fused op succeeded.
         """
-        _, params, anchors, weights = resolved or self._resolve()
+        resolved = resolved or self._resolve()
+        self._refuse_graph_grads(resolved, members)
+        _, params, anchors, weights = resolved
         value = torch.zeros((), dtype=torch.float32, device=params[0].device)
         created: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():  # local_tensor(DTensor) is then the DTensor's own local tensor: writes reach p.grad
@@ -451,6 +461,20 @@ class AnchoredRegularizer:
         for p, g in created:
             p.grad = g
         return value + self.strength * self._constant
+
+    @staticmethod
+    def _refuse_graph_grads(resolved: tuple, members: frozenset[int] | None) -> None:
+        """Refuse a ``.grad`` that requires grad (``backward(create_graph=True)``) before anything is written.
+
+        ``ValueError``, like the other gradients the fused op cannot take (sparse ones: ``TypeError``).
+        """
+        for name, p in zip(resolved[0], resolved[1]):
+            if p.requires_grad and p.grad is not None and p.grad.requires_grad and (members is None or id(p) in members):
+                raise ValueError(
+                    f"the .grad of {name!r} requires grad (backward(create_graph=True)): the fused path adds a constant "
+                    "gradient, which would silently drop the penalty's second-order terms. Add reg.penalty() to the "
+                    "loss instead (it supports create_graph=True); nothing was changed"
+                )
 
     # ------------------------------------------------------------------ optimizer attachment
     def attach(self, optimizer: torch.optim.Optimizer):
@@ -484,6 +508,13 @@ class AnchoredRegularizer:
             return self
         if self.consolidated:
             self._check_in_optimizers(extra=self._members_of(optimizer), only_if_disjoint=True)
+        else:
+            held, own = self._members_of(optimizer), list(self.model.parameters())
+            if own and not any(id(p) in held for p in own):
+                raise ValueError(
+                    f"optimizer holds none of the model's {len(own)} parameters (is it another model's optimizer?); "
+                    f"{type(self).__name__} must be attached to the optimizer that trains its model"
+                )
         if hooks is None:
             hooks = _STEP_HOOKS[optimizer] = _StepHooks(optimizer)
         hooks.regularizers.append(self)
@@ -533,6 +564,7 @@ class AnchoredRegularizer:
         self.attached  # prune dead optimizers before checking coverage
         resolved = self._resolve()
         self._check_in_optimizers(resolved)
+        self._refuse_graph_grads(resolved, members)
         return members, resolved
 
     def _run_attached_step(self, plan, grad_scale: float) -> None:
@@ -588,18 +620,17 @@ class AnchoredRegularizer:
         """
         if not isinstance(state, Mapping):
             raise TypeError(f"state_dict must be a mapping as returned by state_dict(), got {type(state).__name__}")
-        if state.get("type") not in (None, type(self).__name__):
-            raise ValueError(f"state_dict is for {state.get('type')}, not {type(self).__name__}")
-        required = ("strength", "anchors") + (("importance",) if self.uses_importance else ())
-        missing = [k for k in required if k not in state]
+        missing = [k for k in self.state_keys if k not in state and not (k == "form" and "kind" in state)]
         if missing:
-            raise ValueError(f"state_dict is missing {missing}; expected the keys of {type(self).__name__}.state_dict()")
-        saved_form = state.get("form", state.get("kind", self.penalty_form))  # "kind": the key of earlier versions
+            raise ValueError(f"state_dict is missing the keys {missing}; expected every key of {type(self).__name__}.state_dict()")
+        if state["type"] != type(self).__name__:
+            raise ValueError(f"state_dict is for {state['type']}, not {type(self).__name__}")
+        saved_form = state["form"] if "form" in state else state["kind"]  # "kind": the key of earlier versions
         if saved_form != self.penalty_form:
             raise ValueError(f"state_dict has form={saved_form!r}, {type(self).__name__} uses form={self.penalty_form!r}")
         strength = check_strength(state["strength"], "state_dict['strength']")
-        constant = check_real(state.get("constant", 0.0), "state_dict['constant']", low=0.0)
-        saved_anchors, saved_importance = state["anchors"], state.get("importance") or {}
+        constant = check_real(state["constant"], "state_dict['constant']", low=0.0)
+        saved_anchors, saved_importance = state["anchors"], state["importance"]
         for key, value in (("anchors", saved_anchors), ("importance", saved_importance)):
             if not isinstance(value, Mapping):
                 raise TypeError(f"state_dict['{key}'] must be a mapping {{name: tensor}}, got {type(value).__name__}")
@@ -610,7 +641,7 @@ class AnchoredRegularizer:
             )
         if not self.uses_importance and saved_importance:
             raise ValueError(f"{type(self).__name__} is unweighted, but state_dict['importance'] is not empty")
-        num = check_int(state.get("num_consolidations", 1 if saved_anchors else 0), "state_dict['num_consolidations']", low=0)
+        num = check_int(state["num_consolidations"], "state_dict['num_consolidations']", low=0)
         params = named_parameters(self.model)
         anchors, importance, problem, groups = {}, {}, None, {}
         for name, a in saved_anchors.items():

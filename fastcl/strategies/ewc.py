@@ -48,6 +48,8 @@ class EWC(ImportanceRegularizer):
             ewc.consolidate(task.train_loader)
     """
 
+    state_keys = ImportanceRegularizer.state_keys + ("fisher",)
+
     def __init__(self, model, strength, mode="separate", decay=1.0, fisher="empirical", *, storage_dtype=torch.float32, top_k=None):
         super().__init__(model, strength, mode=mode, decay=decay, storage_dtype=storage_dtype)
         if fisher not in FISHER_KINDS:
@@ -70,7 +72,8 @@ class EWC(ImportanceRegularizer):
         ``loss_fn(outputs, targets)`` must return per-sample losses (default: cross-entropy
         on logits). ``max_samples``, ``forward``, ``verbose`` and any other keyword go to
         :func:`fastcl.diagonal_fisher`. On any error (empty data, non-finite loss or
-        Fisher) nothing changes.
+        Fisher; a batch the model cannot run is a ``ValueError`` naming ``data`` and the
+        batch) nothing changes.
         """
         if self.top_k is not None:
             fisher_options.setdefault("top_k", self.top_k)
@@ -88,6 +91,6 @@ class EWC(ImportanceRegularizer):
 
     def _parse_state(self, state) -> dict:
         new = super()._parse_state(state)
-        if state.get("fisher", self.fisher_kind) not in FISHER_KINDS:  # informative only: this EWC keeps its own kind
+        if state["fisher"] not in FISHER_KINDS:  # informative only: this EWC keeps its own kind
             raise ValueError(f"state_dict['fisher'] must be one of {FISHER_KINDS}, got {state.get('fisher')!r}")
         return new

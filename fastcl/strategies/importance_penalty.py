@@ -40,6 +40,7 @@ class ImportanceRegularizer(AnchoredRegularizer):
 
     penalty_form = "quadratic"
     uses_importance = True
+    state_keys = AnchoredRegularizer.state_keys + ("mode", "decay")
 
     def __init__(self, model, strength, *, mode: str = "separate", decay: float = 1.0, storage_dtype=torch.float32):
         super().__init__(model, strength, storage_dtype=storage_dtype)
@@ -150,9 +151,9 @@ class ImportanceRegularizer(AnchoredRegularizer):
 
     def _parse_state(self, state) -> dict:
         new = super()._parse_state(state)
-        if state.get("mode", self.mode) != self.mode:
+        if state["mode"] != self.mode:
             raise ValueError(f"state_dict was saved in mode={state['mode']!r}, this {type(self).__name__} uses mode={self.mode!r}")
-        new["decay"] = _check_decay(state.get("decay", self.decay), self.mode, "state_dict['decay']")
+        new["decay"] = _check_decay(state["decay"], self.mode, "state_dict['decay']")
         return new
 
 

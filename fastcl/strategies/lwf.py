@@ -174,14 +174,20 @@ class LwF:
         """
         if not isinstance(state, Mapping):
             raise TypeError(f"state_dict must be a mapping as returned by state_dict(), got {type(state).__name__}")
-        if state.get("type") not in (None, "LwF"):
-            raise ValueError(f"state_dict is for {state.get('type')}, not LwF")
-        missing = [k for k in ("strength", "temperature") if k not in state]
+        missing = [k for k in ("type", "strength", "temperature", "num_consolidations", "teacher") if k not in state]
         if missing:
-            raise ValueError(f"state_dict is missing {missing}; expected the keys of LwF.state_dict()")
+            raise ValueError(f"state_dict is missing the keys {missing}; expected every key of LwF.state_dict()")
+        if state["type"] != "LwF":
+            raise ValueError(f"state_dict is for {state['type']}, not LwF")
         strength = check_strength(state["strength"], "state_dict['strength']")
         temperature = check_temperature(state["temperature"], "state_dict['temperature']")
-        saved = state.get("teacher")
+        saved = state["teacher"]
+        num = check_int(state["num_consolidations"], "state_dict['num_consolidations']", low=0)
+        if (saved is None) != (num == 0):
+            raise ValueError(
+                f"state_dict is inconsistent: num_consolidations={num} but teacher is "
+                f"{'None' if saved is None else 'present'} (a teacher exists exactly when num_consolidations >= 1)"
+            )
         teacher = None
         if saved is not None:
             if not isinstance(saved, Mapping):
@@ -203,7 +209,6 @@ class LwF:
             teacher.load_state_dict(saved)
             teacher.eval()
             teacher.requires_grad_(False)
-        num = check_int(state.get("num_consolidations", 0 if teacher is None else 1), "state_dict['num_consolidations']", low=0)
         self.strength, self.temperature, self.teacher, self.num_consolidations = strength, temperature, teacher, num
 
     def __repr__(self) -> str:

@@ -28,6 +28,7 @@ class MAS(ImportanceRegularizer):
         """Estimate Ω over ``data`` (batches of inputs or ``(inputs, targets)``) and fold it in.
 
         ``max_samples``, ``forward``, ``verbose`` and any other keyword go to
-        :func:`fastcl.importance.mas_importance`. On any error nothing changes.
+        :func:`fastcl.importance.mas_importance`. On any error nothing changes (a batch the
+        model cannot run is a ``ValueError`` naming ``data`` and the batch).
         """
         self.fold(mas_importance(self.model, data, max_samples=max_samples, forward=forward, verbose=verbose, **options))

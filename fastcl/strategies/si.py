@@ -54,9 +54,12 @@ class SI(ImportanceRegularizer):
     """
 
     requires_optimizer = True
+    state_keys = ImportanceRegularizer.state_keys + ("damping", "steps", "omega", "start")
 
     def __init__(self, model, strength, damping=0.1, *, storage_dtype=torch.float32):
         super().__init__(model, strength, mode="online", decay=1.0, storage_dtype=storage_dtype)
+        if not self._trainable():
+            raise ValueError(f"model: {type(model).__name__} has no trainable parameters (requires_grad=True) for SI to track")
         self.damping = check_real(damping, "damping (ξ)", low=0.0, low_inclusive=False)
         self._omega: dict[str, torch.Tensor] = {}  # ω of every parameter updated since the last consolidation
         self._start: dict[str, torch.Tensor] = {}  # θ before its first update since then
@@ -130,8 +133,8 @@ class SI(ImportanceRegularizer):
 
     def _parse_state(self, state) -> dict:
         new = super()._parse_state(state)
-        new["damping"] = check_real(state.get("damping", self.damping), "state_dict['damping']", low=0.0, low_inclusive=False)
-        omega, start = state.get("omega", {}), state.get("start", {})
+        new["damping"] = check_real(state["damping"], "state_dict['damping']", low=0.0, low_inclusive=False)
+        omega, start = state["omega"], state["start"]
         for key, value in (("omega", omega), ("start", start)):
             if not isinstance(value, Mapping):
                 raise TypeError(f"state_dict['{key}'] must be a mapping {{name: tensor}}, got {type(value).__name__}")
@@ -146,7 +149,6 @@ class SI(ImportanceRegularizer):
                 problem = value_problem(loaded[key][name], f"state_dict {key} {name!r}")
                 if problem:
                     raise ValueError(problem)
-        default_steps = int(any(bool(t.any()) for t in loaded["omega"].values()))
-        new["_steps"] = check_int(state.get("steps", default_steps), "state_dict['steps']", low=0)
+        new["_steps"] = check_int(state["steps"], "state_dict['steps']", low=0)
         new["_omega"], new["_start"], new["_pending"] = loaded["omega"], loaded["start"], None
         return new

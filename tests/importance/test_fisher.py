@@ -250,7 +250,7 @@ def test_loss_must_be_per_sample(loss_fn):
     (dict(kind="true", loss_fn=lambda o, t: o.sum(1)), "loss_fn is only accepted"),
     (dict(kind="exact", loss_fn=lambda o, t: o.sum(1)), "loss_fn is only accepted"),
     (dict(top_k=2), "top_k is only meaningful"),
-    (dict(kind="exact", top_k=0), "positive int"),
+    (dict(kind="exact", top_k=0), "top_k must be an int >= 1"),
     (dict(params=["nope.weight"]), "no parameter 'nope.weight'"),
     (dict(max_samples=0), "max_samples"),
 ])
@@ -382,3 +382,70 @@ def test_model_outputs_that_are_not_a_tensor(as_dict):
     reference.assert_matches(mas_importance(model, [x], output_fn=pick), {f"net.{k}": v for k, v in mas_ref.items()})
     with pytest.raises(TypeError, match="output_fn must be callable"):
         diagonal_fisher(model, [(x, y)], output_fn="logits")
+
+
+@pytest.mark.parametrize("fn", [diagonal_fisher, mas_importance])
+@pytest.mark.parametrize("data, kwargs, match", [
+    (None, {}, "data must be an iterable of batches"),
+    (5, {}, "data must be an iterable of batches"),
+    ("ok", {"max_samples": 4.0}, "max_samples must be an int"),
+    ("ok", {"max_samples": True}, "max_samples must be an int"),
+    ("ok", {"verbose": "yes"}, "verbose must be True, False or None"),
+])
+def test_argument_type_errors_name_the_argument(fn, data, kwargs, match):
+    batches = [_data(3, dtype=torch.float32)] if data == "ok" else data
+    with pytest.raises(TypeError, match=match):
+        fn(models.mlp(), batches, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(desc=5), "desc must be a str"),
+                                           (dict(kind="exact", top_k=True), "top_k must be an int")])
+def test_fisher_only_argument_type_errors(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        diagonal_fisher(models.mlp(), [_data(3, dtype=torch.float32)], **kwargs)
+
+
+def _identical(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_numpy_and_tensor_integers_are_accepted_for_counts():
+    np = pytest.importorskip("numpy")
+    model = models.mlp()
+    x, y = _data(6, dtype=torch.float32)
+    for fn, kwargs in ((diagonal_fisher, {}), (diagonal_fisher, {"kind": "exact"}), (mas_importance, {})):
+        want = fn(model, [(x, y)], max_samples=4, **kwargs)
+        for count in (np.int64(4), torch.tensor(4)):
+            assert _identical(fn(model, [(x, y)], max_samples=count, **kwargs), want)
+    want = diagonal_fisher(model, [(x, y)], kind="exact", top_k=2)
+    for k in (np.int32(2), torch.tensor(2)):
+        assert _identical(diagonal_fisher(model, [(x, y)], kind="exact", top_k=k), want)
+
+
+def test_bool_labels_are_refused_by_the_default_loss():
+    x, y = _data(4, classes=2, dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"torch.bool.*targets.long\(\)"):
+        diagonal_fisher(models.mlp(), [(x, y.bool())])
+
+
+@pytest.mark.parametrize("fn", ["fisher", "mas"])
+def test_empty_batches_are_skipped(fn):
+    model = reference.float64_copy(models.mlp())
+    x, y = _data(5)
+    empty = (x[:0], y[:0])
+    if fn == "fisher":
+        got = diagonal_fisher(model, [empty, (x, y), empty])
+        ref = reference.per_sample_importance(model, reference.split(x, y), reference.cross_entropy_loss)
+    else:
+        got = mas_importance(model, [empty, (x, y), empty])
+        ref = reference.per_sample_importance(model, reference.split(x), reference.mas_loss, power=1)
+    reference.assert_matches(got, ref)
+
+
+@pytest.mark.parametrize("fn", [diagonal_fisher, mas_importance])
+def test_a_batch_the_model_cannot_run_names_data_and_the_batch(fn):
+    good, wrong = _data(3, dtype=torch.float32), _data(3, d_in=5, dtype=torch.float32)  # the MLP takes width 7
+    for batches, where in (([wrong], "the first batch"), ([good, good, wrong], "batch 2")):
+        with pytest.raises(ValueError, match=f"data: the model's forward failed on {where}") as info:
+            fn(models.mlp(), batches)
+        assert isinstance(info.value.__cause__, RuntimeError)

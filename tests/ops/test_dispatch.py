@@ -54,3 +54,18 @@ def test_backend_status_names_every_backend():
     assert not status["cuda"].available and status["cuda"].reason
     for name, s in status.items():
         assert s.name == name
+
+
+@pytest.mark.parametrize("fn", [backend_info, op_backends, backend_status])
+@pytest.mark.parametrize("device, error", [("nodevice", ValueError), ("cuda:x", ValueError), (None, TypeError), (1.5, TypeError)])
+def test_a_device_that_is_no_device_names_device(fn, device, error):
+    with pytest.raises(error, match="device"):
+        fn(device)
+
+
+@pytest.mark.parametrize("fn", [backend_info, op_backends])
+@pytest.mark.parametrize("dtype", ["float32", None, float])
+def test_a_dtype_that_is_no_torch_dtype_is_a_type_error(fn, dtype):
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        fn("cpu", dtype)
+    assert fn(torch.device("cpu"), torch.float64).keys() == fn("cpu").keys()

@@ -275,6 +275,8 @@ def test_one_tensor_at_several_positions_is_cached_and_rechecked():
         (dict(scale=float("nan")), ValueError),
         (dict(scale=1e39), ValueError),
         (dict(scale=True), TypeError),
+        (dict(scale=-1.0), ValueError),
+        (dict(scale=-1e-30), ValueError),
         (dict(scale="1"), TypeError),
         (dict(anchors=[torch.zeros(3)]), ValueError),
         (dict(anchors=[torch.zeros(2, 2)]), ValueError),
@@ -444,3 +446,11 @@ def test_property_any_shapes_strides_dtypes(shapes, layouts, case, form, weighte
     grads = [shaped(g.clone(), layouts[3], s) for g, s in zip(start, shapes)]
     value = penalty(params, anchors, weights, scale=0.9, form=form, grads=grads, store=store)
     assert_penalty_matches(value, grads, params, anchors, weights, 0.9, form, start, store=store)
+
+
+@pytest.mark.parametrize("fn", [penalty, anchored_penalty])
+def test_negative_scale_is_refused_naming_scale(fn):
+    params = [torch.randn(4, requires_grad=True)]
+    with pytest.raises(ValueError, match="scale must be >= 0"):
+        fn(params, [torch.zeros(4)], [torch.ones(4)], scale=-1.0)
+    assert fn(params, [params[0].detach().clone()], [torch.ones(4)], scale=0.0).item() == 0.0

@@ -258,3 +258,35 @@ def test_a_copy_of_an_attached_regularizer_is_not_attached():
     reg.attach(opt)
     clone = copy.deepcopy(reg)
     assert reg.attached and not clone.attached and clone.penalty().requires_grad  # no hook runs the copy
+
+
+@pytest.mark.parametrize("name", ["l2sp", "ewc", "si"])
+def test_an_optimizer_of_another_model_is_refused_before_consolidation(name):
+    model, other = make_mlp(), make_mlp(seed=1)
+    reg = fastcl.SI(model, 1.0) if name == "si" else fastcl.EWC(model, 1.0) if name == "ewc" else fastcl.L2SP(model, 1.0)
+    assert reg.consolidated == (name == "l2sp")
+    opt = torch.optim.SGD(other.parameters(), lr=LR)
+    with pytest.raises(ValueError, match="none of"):
+        reg.attach(opt)
+    assert not opt._optimizer_step_pre_hooks and not reg.attached
+    own = torch.optim.SGD(list(model.parameters())[:1], lr=LR)
+    reg.attach(own)  # one of its own parameters is enough
+    assert reg.attached
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("attached", [False, True])
+def test_fused_gradient_after_create_graph_is_refused_before_anything_changes(attached):
+    model = make_mlp()
+    reg = fastcl.L2SP(model, 1.0)
+    perturb_(model, seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    if attached:
+        reg.attach(opt)
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x), y).backward(create_graph=True)
+    params, grads = snapshot(model), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"create_graph.*penalty\(\)"):
+        opt.step() if attached else reg.add_penalty_grad_()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach().double(), params[n]) and torch.equal(p.grad.detach(), grads[n])

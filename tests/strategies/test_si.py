@@ -216,3 +216,10 @@ def test_state_dict_resumes_mid_task():
 def test_bad_damping(damping):
     with pytest.raises((ValueError, TypeError), match="damping"):
         fastcl.SI(make_mlp(), 1.0, damping=damping)
+
+
+def test_a_model_without_trainable_parameters_is_refused_like_l2sp():
+    model = make_mlp().requires_grad_(False)
+    for make in (lambda: fastcl.SI(model, 1.0), lambda: fastcl.L2SP(model, 1.0)):
+        with pytest.raises(ValueError, match="no trainable parameter"):
+            make()

@@ -346,3 +346,69 @@ def test_earlier_form_key_is_still_checked():
     state["kind"] = "l1"
     with pytest.raises(ValueError, match="form='l1'"):
         fastcl.L2SP(model, strength=1.0).load_state_dict(state)
+
+
+# --------------------------------------------------------------------------- audit follow-ups (issue 14)
+
+
+@pytest.mark.parametrize("name, key", [(n, k) for n in BAD_STATES for k in build(n).state_dict()],
+                         ids=[f"{n}-{k}" for n in BAD_STATES for k in build(n).state_dict()])
+def test_every_key_state_dict_writes_is_required(name, key):
+    source, target = build(name), build(name)
+    target.strength = 0.25
+    bad = edit(source.state_dict(), [key], DELETE)
+    assert_unchanged(target, lambda: target.load_state_dict(bad), ValueError, rf"missing the keys \['{key}'\]")
+
+
+@pytest.mark.parametrize("num, teacher", [(1, None), (0, "kept")])
+def test_lwf_state_with_teacher_and_count_disagreeing_is_refused(num, teacher):
+    source, target = build("lwf"), build("lwf")
+    bad = dict(source.state_dict(), num_consolidations=num)
+    if teacher is None:
+        bad["teacher"] = None
+    assert_unchanged(target, lambda: target.load_state_dict(bad), ValueError, "num_consolidations")
+
+
+@pytest.mark.parametrize("name", ["ewc", "mas"])
+@pytest.mark.parametrize("bad", [None, 5, 2.5])
+def test_consolidate_data_that_is_no_iterable_names_data(name, bad):
+    reg = build(name)
+    assert_unchanged(reg, lambda: reg.consolidate(bad, verbose=False), TypeError, "data must be an iterable of batches")
+
+
+@pytest.mark.parametrize("name", ["ewc", "mas"])
+@pytest.mark.parametrize("batch", [0, 1])
+def test_consolidate_with_inputs_the_model_cannot_take_names_data_and_the_batch(name, batch):
+    reg = build(name)
+    good = data(3)[0]
+    wrong = (torch.randn(4, 7, dtype=torch.float64), torch.zeros(4, dtype=torch.long))  # the model takes width 5
+    batches = [good, wrong] if batch else [wrong, good]
+    where = "batch 1" if batch else "the first batch"
+    assert_unchanged(reg, lambda: reg.consolidate(batches, verbose=False), ValueError,
+                     f"data: the model's forward failed on {where}")
+    with pytest.raises(ValueError) as info:
+        reg.consolidate(batches, verbose=False)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize("name", ["ewc", "mas"])
+def test_consolidate_max_samples_accepts_numpy_and_tensor_ints(name):
+    results = []
+    for max_samples in (4, np.int64(4), torch.tensor(4)):
+        reg = build(name)
+        reg.consolidate(data(3, n=6), max_samples=max_samples, verbose=False)
+        results.append(reg.state_dict())
+    assert same(results[0], results[1]) and same(results[0], results[2])
+
+
+@pytest.mark.parametrize("name", ["ewc", "mas"])
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"max_samples": 4.0}, TypeError, "max_samples"),
+    ({"max_samples": True}, TypeError, "max_samples"),
+    ({"max_samples": 0}, ValueError, "max_samples"),
+    ({"verbose": "yes"}, TypeError, "verbose"),
+    ({"verbose": 1}, TypeError, "verbose"),
+])
+def test_consolidate_bad_options_name_the_option(name, kwargs, error, match):
+    reg = build(name)
+    assert_unchanged(reg, lambda: reg.consolidate(data(3), **kwargs), error, match)
